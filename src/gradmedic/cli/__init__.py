@@ -1,0 +1,1 @@
+"""The ``gradmedic`` command line: one small module per command."""

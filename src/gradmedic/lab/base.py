@@ -1,0 +1,201 @@
+"""What an experiment is: a registered function from a config to a Result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from gradmedic.findings import _plain
+
+
+class Verdict(str, Enum):
+    """How a claim fared under measurement (``ERROR``: the experiment itself failed)."""
+
+    HOLDS = "holds"
+    PARTLY = "holds partly"
+    FAILS = "does not hold"
+    ERROR = "experiment failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def judge(checks: Mapping[str, bool]) -> Verdict:
+    """The standard rule: every check passes -> holds, some -> holds partly, none -> fails.
+
+    Args:
+        checks: Named yes/no conditions computed from an experiment's numbers.
+
+    Returns:
+        The verdict.
+
+    Example:
+        >>> str(judge({"decays": True, "below_bound": False}))
+        'holds partly'
+    """
+    if not checks:
+        raise ValueError("checks is empty: an experiment needs at least one check to judge")
+    passed = sum(bool(v) for v in checks.values())
+    if passed == len(checks):
+        return Verdict.HOLDS
+    return Verdict.PARTLY if passed else Verdict.FAILS
+
+
+def combine(verdicts: Iterable[Verdict]) -> Verdict:
+    """Several verdicts on one claim: all holds -> holds, all fails -> fails, else partly.
+
+    An ``ERROR`` among them makes the combination ``ERROR``.
+    """
+    vs = set(verdicts)
+    if not vs:
+        raise ValueError("verdicts is empty: nothing to combine")
+    if Verdict.ERROR in vs:
+        return Verdict.ERROR
+    if len(vs) == 1:
+        return vs.pop()
+    return Verdict.PARTLY
+
+
+def judge_claims(checks: Mapping[str, Mapping[str, bool]]) -> tuple[Verdict, dict[str, Verdict]]:
+    """:func:`judge` each claim's checks, then :func:`combine` them.
+
+    Args:
+        checks: ``{claim id: {check name: passed}}``.
+
+    Returns:
+        ``(overall verdict, {claim id: verdict})``.
+    """
+    per_claim = {claim: judge(c) for claim, c in checks.items()}
+    return combine(per_claim.values()), per_claim
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Settings shared by all experiments.
+
+    Attributes:
+        quick: Smaller sizes so the whole lab runs in under a minute.
+        seed: Base random seed (results are reproducible for a given seed).
+        mnist_dir: Folder with MNIST IDX files; the digits data set otherwise.
+    """
+
+    quick: bool = False
+    seed: int = 0
+    mnist_dir: str | None = None
+
+    def pick(self, quick: Any, full: Any) -> Any:
+        """``quick`` in quick mode, else ``full``."""
+        return quick if self.quick else full
+
+
+@dataclass
+class Result:
+    """What one experiment found.
+
+    Attributes:
+        name: Experiment name (registry key).
+        claims: Claim ids it tests, e.g. ``["K2"]``.
+        title: One line.
+        setup: What was run, for a person.
+        expected: The claimed outcome.
+        numbers: The measurements (plain data; goes to results.json).
+        rule: The rule mapping the numbers to the verdict, stated in words.
+        verdict: holds / holds partly / does not hold, computed from ``numbers``.
+        explanation: What the numbers mean.
+        figures: ``{name: matplotlib Figure}``; written as SVG by the report
+            (after loading results.json: ``{name: relative path of the SVG}``).
+        seconds: Wall time (filled in by the runner).
+        per_claim: Verdict per claim when one experiment tests several claims
+            with different checks; a claim missing here gets ``verdict``.
+        error: The traceback when the experiment raised (``verdict`` is ``ERROR``).
+    """
+
+    name: str
+    claims: list[str]
+    title: str
+    setup: str
+    expected: str
+    numbers: dict[str, Any]
+    rule: str
+    verdict: Verdict
+    explanation: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    per_claim: dict[str, Verdict] = field(default_factory=dict)
+    error: str | None = None
+
+    def claim_verdict(self, claim: str) -> Verdict:
+        """The verdict this experiment gives ``claim``."""
+        return self.per_claim.get(claim, self.verdict)
+
+    def to_dict(self, figure_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Plain-data form for results.json; figures become the paths in ``figure_paths``."""
+        return {
+            "name": self.name,
+            "claims": list(self.claims),
+            "title": self.title,
+            "setup": self.setup,
+            "expected": self.expected,
+            "numbers": _plain(self.numbers),
+            "rule": self.rule,
+            "verdict": self.verdict.value,
+            "per_claim": {c: self.claim_verdict(c).value for c in self.claims},
+            "explanation": self.explanation,
+            "figures": dict(figure_paths)
+            if figure_paths is not None
+            else {k: v for k, v in self.figures.items() if isinstance(v, str)},
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Result:
+        """Inverse of :meth:`to_dict` (figures stay paths)."""
+        return cls(
+            name=data["name"],
+            claims=list(data["claims"]),
+            title=data["title"],
+            setup=data["setup"],
+            expected=data["expected"],
+            numbers=dict(data["numbers"]),
+            rule=data["rule"],
+            verdict=Verdict(data["verdict"]),
+            explanation=data.get("explanation", ""),
+            figures=dict(data.get("figures", {})),
+            seconds=float(data.get("seconds", 0.0)),
+            per_claim={c: Verdict(v) for c, v in data.get("per_claim", {}).items()},
+            error=data.get("error"),
+        )
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment."""
+
+    name: str
+    claims: tuple[str, ...]
+    title: str
+    fn: Callable[[LabConfig], Result]
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(
+    name: str, claims: list[str], title: str
+) -> Callable[[Callable[[LabConfig], Result]], Callable[[LabConfig], Result]]:
+    """Register ``fn(config) -> Result`` as experiment ``name`` testing ``claims``."""
+
+    def wrap(fn: Callable[[LabConfig], Result]) -> Callable[[LabConfig], Result]:
+        old = EXPERIMENTS.get(name)
+        # Re-importing the same module (after a failed import) re-registers; two modules may not.
+        if old is not None and old.fn.__module__ != fn.__module__:
+            raise ValueError(
+                f"experiment {name!r} registered twice ({old.fn.__module__} and {fn.__module__})"
+            )
+        EXPERIMENTS[name] = Experiment(name, tuple(claims), title, fn)
+        return fn
+
+    return wrap

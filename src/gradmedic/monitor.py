@@ -1,0 +1,445 @@
+"""The Monitor: attaches probes to a model, records steps, hands them to the detectors.
+
+Example:
+    >>> import torch, gradmedic
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> with gradmedic.watch(model, opt, every=1) as mon:
+    ...     for _ in range(3):
+    ...         opt.zero_grad()
+    ...         model(torch.randn(8, 3)).pow(2).mean().backward()
+    ...         opt.step()
+    >>> len(mon.history), mon.layers
+    (3, ['0', '2'])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradmedic.errors import GradmedicError
+from gradmedic.history import History, JsonlSink
+from gradmedic.layers import LayerIndex, following_activations
+from gradmedic.probes.base import Probe
+from gradmedic.probes.deltas import DeltaProbe
+from gradmedic.probes.gradients import GradientProbe
+from gradmedic.probes.updates import UpdateProbe
+from gradmedic.record import LazyRecord
+
+if TYPE_CHECKING:
+    from gradmedic.findings import Diagnosis
+
+Schedule = Callable[[int], bool]
+
+_ACTIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    every: int | Schedule = 1,
+    history: int = 1000,
+    deltas: bool = True,
+    updates: bool = True,
+    update_every: int = 10,
+    activations: bool = False,
+    recurrent: bool = False,
+    sink: str | os.PathLike[str] | None = None,
+    probes: Iterable[Probe] = (),
+) -> Monitor:
+    """Start monitoring ``model``'s gradient flow. Use as a context manager.
+
+    Args:
+        model: The model to monitor.
+        optimizer: If given, a record is taken just before each
+            ``optimizer.step()`` (after any clipping); otherwise call
+            ``monitor.step()`` after ``loss.backward()``.
+        every: Record one step in ``every``, or a schedule ``f(step) -> bool``.
+        history: Number of recorded steps kept in memory (a ring buffer).
+        deltas: Record ||dL/d(layer output)|| and max |output| per layer.
+        updates: Record parameter norms and update ratios ||dw|| / ||w||.
+        update_every: Measure updates on one recorded step in this many (a
+            measurement copies the parameters once).
+        activations: Record dead and saturated units of activation modules.
+        recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules.
+        sink: A JSONL file that receives every record, flushed as it is written.
+        probes: Extra probes to attach.
+
+    Returns:
+        The attached :class:`Monitor`.
+    """
+    return Monitor(
+        model,
+        optimizer,
+        every=every,
+        history=history,
+        deltas=deltas,
+        updates=updates,
+        update_every=update_every,
+        activations=activations,
+        recurrent=recurrent,
+        sink=sink,
+        probes=probes,
+    )
+
+
+class Monitor:
+    """Records per-layer gradient statistics of a model during training.
+
+    See :func:`watch` for the arguments. Hooks only read: a monitored model's
+    outputs and gradients are bit-identical to an unmonitored one's, and an
+    internal failure disables monitoring with a warning instead of raising
+    into the training loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        every: int | Schedule = 1,
+        history: int = 1000,
+        deltas: bool = True,
+        updates: bool = True,
+        update_every: int = 10,
+        activations: bool = False,
+        recurrent: bool = False,
+        sink: str | os.PathLike[str] | None = None,
+        probes: Iterable[Probe] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
+        for flag, value in (
+            ("deltas", deltas),
+            ("updates", updates),
+            ("activations", activations),
+            ("recurrent", recurrent),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self._schedule = _as_schedule(every)
+        self.update_every = _positive_int("update_every", update_every)
+        self.history = History(history)
+        self.model = model
+        self.optimizer = optimizer
+        self.index = LayerIndex(model)
+        self.steps = 0  # steps seen (recorded or not)
+        self.first_nonfinite: dict[str, Any] | None = None
+        self.disabled = False
+        self._recorded = 0
+        self._pending: dict[str, Any] | None = None
+        self._loss: torch.Tensor | float | None = None
+        self._clip: dict[str, Any] | None = None
+        self._handles: list[RemovableHandle] = []
+        self._order_handles: list[RemovableHandle] = []
+        self._seen_order: list[str] = []
+        self._order_fixed = False
+
+        self._gradients = GradientProbe()
+        self._updates = UpdateProbe() if updates else None
+        extra = list(probes)
+        for p in extra:
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be gradmedic Probe instances, got {type(p).__name__}")
+        self.probes: list[Probe] = [self._gradients]
+        if deltas:
+            self.probes.append(DeltaProbe())
+        if activations:
+            from gradmedic.probes.activations import ActivationProbe
+
+            self.probes.append(ActivationProbe())
+        if recurrent:
+            from gradmedic.probes.recurrent import RecurrentProbe
+
+            self.probes.append(RecurrentProbe())
+        self.probes.extend(extra)
+        if self._updates is not None:
+            self.probes.append(self._updates)
+
+        self._sink = (
+            JsonlSink(sink, {"gradmedic": _version(), "layers": list(self.index.names)})
+            if sink is not None
+            else None
+        )
+        for probe in self.probes:
+            probe.on_error = self._probe_failed
+            probe.attach(self.index)
+            probe.set_recording(self._schedule(0))
+        for layer in self.index:
+            self._order_handles.append(
+                layer.module.register_forward_hook(self._order_hook(layer.name))
+            )
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        _ACTIVE.add(self)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layers(self) -> list[str]:
+        """Layer names (modules owning parameters), input side first."""
+        return list(self.index.names)
+
+    def grad_norms(self) -> dict[str, float]:
+        """The latest recorded per-layer gradient L2 norms (``{}`` before the first record)."""
+        last = self.history.last()
+        return dict(last.get("grad_norm", {})) if last else {}
+
+    def note_loss(self, loss: torch.Tensor | float) -> None:
+        """Attach the loss to the current step's record (read without a host sync)."""
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record the current step (no optimizer attached): call after ``loss.backward()``."""
+        if self.optimizer is not None:
+            warnings.warn(
+                "gradmedic: this monitor records at optimizer.step() already; "
+                "monitor.step() was ignored (use note_loss() to attach a loss)",
+                stacklevel=2,
+            )
+            return
+        if loss is not None:
+            self.note_loss(loss)
+        self._guarded(self._manual_step)
+
+    def note_clip(
+        self,
+        grads: Sequence[torch.Tensor],
+        per_param_norms: Sequence[torch.Tensor] | None,
+        info: dict[str, Any],
+    ) -> None:
+        """Called by gradmedic's clipping: what was clipped, and norms to reuse.
+
+        ``per_param_norms`` are pre-clip L2 norms of ``grads``; when the clip
+        scales every gradient by ``info["scale"]`` the record reuses them.
+        """
+        if self.disabled:
+            return
+        self._clip = dict(info)
+        if per_param_norms is not None and "scale" in info:
+            self._gradients.offer_norms(list(grads), list(per_param_norms), info["scale"])
+
+    def diagnose(self, config: Any = None) -> Diagnosis:
+        """Run every detector on the recorded history."""
+        from gradmedic.diagnose import diagnose_rows
+
+        return diagnose_rows(
+            self.history.rows(),
+            config,
+            layers=self.layers,
+            context={"activations": following_activations(self.model, self.layers)},
+        )
+
+    def close(self) -> None:
+        """Remove every hook and close the sink. Safe to call twice."""
+        for h in self._handles + self._order_handles:
+            h.remove()
+        self._handles = []
+        self._order_handles = []
+        for probe in self.probes:
+            try:
+                probe.detach()
+            except Exception as exc:  # never raise from cleanup
+                warnings.warn(f"gradmedic: probe {probe.name} failed to detach: {exc!r}", stacklevel=2)
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        _ACTIVE.discard(self)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def owns(self, params: Iterable[torch.Tensor]) -> bool:
+        """Whether every tensor in ``params`` is a parameter of the monitored model."""
+        ids = {id(p) for p in self.index.params}
+        return all(id(p) in ids for p in params)
+
+    # ------------------------------------------------------------------ recording
+    def _recording(self) -> bool:
+        return not self.disabled and self._schedule(self.steps)
+
+    def _samples_updates(self) -> bool:
+        return self._updates is not None and self._recorded % self.update_every == 0
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._recording():
+            self._guarded(self._collect)
+            if self._samples_updates():
+                self._guarded(self._updates.before)  # type: ignore[union-attr]
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._pending is not None and self._updates is not None and self._updates.pending:
+            self._guarded(self._updates.after)
+        self._guarded(self._finish_step)
+
+    def _manual_step(self) -> None:
+        if self._updates is not None and self._updates.pending:
+            self._updates.after()
+        if self._recording():
+            self._collect()
+        self._finish_step()
+        # Snapshot now so the next step() measures one update, if that step is recorded.
+        if self._updates is not None and self._recording() and self._samples_updates():
+            self._updates.before()
+
+    def _collect(self) -> None:
+        if not self._order_fixed:
+            self._fix_order()
+        data: dict[str, Any] = {"step": self.steps}
+        for probe in self.probes:
+            if probe is self._updates:
+                continue
+            data.update(probe.collect(self.steps))
+        self._pending = data
+
+    def _finish_step(self) -> None:
+        data = self._pending
+        if data is not None and not self.disabled:
+            if self._updates is not None:
+                data.update(self._updates.collect(self.steps))
+            if self._loss is not None:
+                data["loss"] = self._loss
+            if self._clip is not None:
+                data["clip"] = self._clip
+            if self.optimizer is not None:
+                data["lr"] = [float(g["lr"]) for g in self.optimizer.param_groups]
+            record = LazyRecord(data, self._finalize)
+            self.history.append(record)
+            self._recorded += 1
+            grads_finite = bool(data.get("_grads_finite", True))
+            if self._sink is not None or (not grads_finite and self.first_nonfinite is None):
+                row = record.to_dict()
+                if self._sink is not None:
+                    self._sink.write(row)
+                if row.get("nonfinite_origin") and self.first_nonfinite is None:
+                    self.first_nonfinite = row["nonfinite_origin"]
+        self._pending = None
+        self._loss = None
+        self._clip = None
+        for probe in self.probes:
+            probe.reset()
+        self.steps += 1
+        recording = self._recording()
+        for probe in self.probes:
+            probe.set_recording(recording)
+
+    def _finalize(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Order per-layer dicts input-to-output and locate the first non-finite value."""
+        order = self.index.names
+        for key in ("delta_norm", "output_max"):
+            if key in row:
+                vals = row[key]
+                row[key] = {n: vals[n] for n in order if n in vals}
+        backward = row.pop("_backward_order", [])
+        row.pop("_grads_finite", None)
+        row["nonfinite_origin"] = _nonfinite_origin(row, order, backward)
+        return row
+
+    def _fix_order(self) -> None:
+        if self._seen_order:
+            self.index.set_forward_order(self._seen_order)
+        self._order_fixed = True
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles = []
+
+    def _order_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self._order_fixed and torch.is_grad_enabled() and name not in self._seen_order:
+                self._seen_order.append(name)
+
+        return hook
+
+    # ------------------------------------------------------------------ failure
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        if self.disabled:
+            return
+        try:
+            fn()
+        except Exception as exc:  # monitoring must never crash training
+            self._fail(exc)
+
+    def _probe_failed(self, probe: Probe, exc: BaseException) -> None:
+        self._fail(exc, where=f"probe {probe.name!r}")
+
+    def _fail(self, exc: BaseException, where: str = "monitor") -> None:
+        self.disabled = True
+        self._pending = None
+        for probe in self.probes:
+            probe.set_recording(False)
+        warnings.warn(
+            f"gradmedic: {where} failed ({exc!r}); monitoring is off for the rest of this run, "
+            f"the {len(self.history)} records taken so far are kept",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def find_monitor(params: Sequence[torch.Tensor]) -> Monitor | None:
+    """The active monitor watching these parameters, if any (used by gradmedic's clipping)."""
+    if not params:
+        return None
+    for mon in list(_ACTIVE):
+        if not mon.disabled and mon.owns(params[:1]):
+            return mon
+    return None
+
+
+def _nonfinite_origin(
+    row: dict[str, Any], order: Sequence[str], backward: Sequence[str]
+) -> dict[str, Any] | None:
+    step = row.get("step")
+    out_max = row.get("output_max", {})
+    for name in order:
+        if name in out_max and not math.isfinite(out_max[name]):
+            return {"layer": name, "where": "forward", "step": step}
+    deltas = row.get("delta_norm", {})
+    for name in backward:
+        if name in deltas and not math.isfinite(deltas[name]):
+            return {"layer": name, "where": "backward", "step": step}
+    grads = row.get("grad_norm", {})
+    for name in reversed(order):
+        if name in grads and not math.isfinite(grads[name]):
+            return {"layer": name, "where": "gradient", "step": step}
+    return None
+
+
+def _as_schedule(every: int | Schedule) -> Schedule:
+    if callable(every):
+        return every
+    n = _positive_int("every", every)
+    return lambda step: step % n == 0
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _version() -> str:
+    from gradmedic import __version__
+
+    return __version__
+
+
+__all__ = ["GradmedicError", "Monitor", "find_monitor", "watch"]
