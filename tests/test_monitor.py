@@ -77,8 +77,12 @@ def test_30_layer_mlp_matches_autograd() -> None:
 
 def test_cnn_matches_autograd() -> None:
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
     ).double()
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 1, 2, 0, 1])
@@ -91,8 +95,9 @@ def test_cnn_matches_autograd() -> None:
 
 
 def test_transformer_encoder_layer_matches_autograd() -> None:
-    layer = nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, dropout=0.0,
-                                       batch_first=True).double()
+    layer = nn.TransformerEncoderLayer(
+        d_model=16, nhead=4, dim_feedforward=32, dropout=0.0, batch_first=True
+    ).double()
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     w = torch.randn(3, 5, 16, dtype=torch.float64)
     # Independent forward, written out from the layer's definition (post-norm).
@@ -104,13 +109,22 @@ def test_transformer_encoder_layer_matches_autograd() -> None:
     loss = (out * w).sum()
     params = dict(layer.named_parameters())
     grads = torch.autograd.grad(loss, [a, h1, l1, l2, out, *params.values()])
-    want_delta = dict(zip(["self_attn", "norm1", "linear1", "linear2", "norm2"],
-                          [g.norm().item() for g in grads[:5]], strict=True))
+    want_delta = dict(
+        zip(
+            ["self_attn", "norm1", "linear1", "linear2", "norm2"],
+            [g.norm().item() for g in grads[:5]],
+            strict=True,
+        )
+    )
     pg = dict(zip(params, grads[5:], strict=True))
-    owners = {"self_attn": ["self_attn.in_proj_weight", "self_attn.in_proj_bias"],
-              "self_attn.out_proj": ["self_attn.out_proj.weight", "self_attn.out_proj.bias"],
-              "linear1": ["linear1.weight", "linear1.bias"], "linear2": ["linear2.weight", "linear2.bias"],
-              "norm1": ["norm1.weight", "norm1.bias"], "norm2": ["norm2.weight", "norm2.bias"]}
+    owners = {
+        "self_attn": ["self_attn.in_proj_weight", "self_attn.in_proj_bias"],
+        "self_attn.out_proj": ["self_attn.out_proj.weight", "self_attn.out_proj.bias"],
+        "linear1": ["linear1.weight", "linear1.bias"],
+        "linear2": ["linear2.weight", "linear2.bias"],
+        "norm1": ["norm1.weight", "norm1.bias"],
+        "norm2": ["norm2.weight", "norm2.bias"],
+    }
     want_norm = {k: math.sqrt(sum(pg[p].pow(2).sum().item() for p in v)) for k, v in owners.items()}
 
     row = monitored_row(layer, x, lambda y: (y * w).sum())
@@ -119,7 +133,7 @@ def test_transformer_encoder_layer_matches_autograd() -> None:
     for k, v in want_norm.items():
         assert row["grad_norm"][k] == pytest.approx(v, rel=1e-6), k
     # Forward order puts attention first and the final norm last.
-    assert row["delta_norm"] and list(row["delta_norm"])[0] == "self_attn"
+    assert row["delta_norm"] and next(iter(row["delta_norm"])) == "self_attn"
     assert list(row["delta_norm"])[-1] == "norm2"
 
 
@@ -181,8 +195,12 @@ def test_manual_step_measures_updates_between_steps() -> None:
         for _ in range(2):
             opt.zero_grad()
             model(torch.randn(4, 4)).sum().backward()
-            g = {n: math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.get_submodule(n).parameters()))
-                 for n in mon.layers}
+            g = {
+                n: math.sqrt(
+                    sum(p.grad.pow(2).sum().item() for p in model.get_submodule(n).parameters())
+                )
+                for n in mon.layers
+            }
             mon.step()
             opt.step()
     row = mon.history.rows()[1]
@@ -345,8 +363,9 @@ def test_half_precision_norms(dtype) -> None:
         mon.step()
     row = mon.history.rows()[0]
     for name in mon.layers:
-        want = math.sqrt(sum(p.grad.float().pow(2).sum().item()
-                             for p in model.get_submodule(name).parameters()))
+        want = math.sqrt(
+            sum(p.grad.float().pow(2).sum().item() for p in model.get_submodule(name).parameters())
+        )
         assert row["grad_norm"][name] == pytest.approx(want, rel=1e-3)
 
 
@@ -380,8 +399,15 @@ class NaNAfter(nn.Module):
 
 
 def test_nonfinite_origin_forward() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), NaNAfter(), nn.Linear(4, 4),
-                          nn.ReLU(), nn.Linear(4, 1))
+    model = nn.Sequential(
+        nn.Linear(4, 4),
+        nn.ReLU(),
+        nn.Linear(4, 4),
+        NaNAfter(),
+        nn.Linear(4, 4),
+        nn.ReLU(),
+        nn.Linear(4, 1),
+    )
     with gradmedic.watch(model) as mon:
         model(torch.randn(2, 4)).sum().backward()
         mon.step()
@@ -408,8 +434,15 @@ class InfInBackward(nn.Module):
 
 
 def test_nonfinite_origin_backward() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), InfInBackward(),
-                          nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    model = nn.Sequential(
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 4),
+        InfInBackward(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 1),
+    )
     with gradmedic.watch(model) as mon:
         model(torch.randn(2, 4)).sum().backward()
         mon.step()

@@ -64,9 +64,11 @@ class JsonlSink:
             raise TypeError(f"sink must be a file path, got {type(path).__name__}")
         self.path = Path(path)
         if self.path.is_dir():
-            raise GradmedicError(f"sink {self.path} is a directory; give a file path such as run.jsonl")
+            raise GradmedicError(
+                f"sink {self.path} is a directory; give a file path such as run.jsonl"
+            )
         run = _count_runs(self.path)
-        self._fh: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._fh: IO[str] | None = open(self.path, "a", encoding="utf-8")
         self.write({**header, "run": run})
 
     def write(self, row: dict[str, Any]) -> None:

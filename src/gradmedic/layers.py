@@ -56,7 +56,9 @@ class LayerIndex:
         self.names: tuple[str, ...] = tuple(layer.name for layer in self.layers)
         self.by_name = {layer.name: layer for layer in self.layers}
         self.params: list[nn.Parameter] = [p for layer in self.layers for _, p in layer.params]
-        self.param_names: tuple[str, ...] = tuple(n for layer in self.layers for n, _ in layer.params)
+        self.param_names: tuple[str, ...] = tuple(
+            n for layer in self.layers for n, _ in layer.params
+        )
         self.param_layer: list[int] = [
             i for i, layer in enumerate(self.layers) for _ in layer.params
         ]
@@ -66,7 +68,9 @@ class LayerIndex:
         """Reorder layers by observed forward completion; unseen layers keep their place after."""
         rank = {n: i for i, n in enumerate(names_in_order)}
         big = len(rank)
-        self.layers.sort(key=lambda layer: (rank.get(layer.name, big), self.names.index(layer.name)))
+        self.layers.sort(
+            key=lambda layer: (rank.get(layer.name, big), self.names.index(layer.name))
+        )
         self._rebuild()
 
     def segments(
@@ -97,9 +101,26 @@ class LayerIndex:
 
 
 _ACTIVATIONS = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh,
-    nn.Hardsigmoid, nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ReLU6,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
 )
 
 

@@ -254,7 +254,9 @@ class Monitor:
             try:
                 probe.detach()
             except Exception as exc:  # never raise from cleanup
-                warnings.warn(f"gradmedic: probe {probe.name} failed to detach: {exc!r}", stacklevel=2)
+                warnings.warn(
+                    f"gradmedic: probe {probe.name} failed to detach: {exc!r}", stacklevel=2
+                )
         if self._sink is not None:
             self._sink.close()
             self._sink = None
@@ -278,11 +280,37 @@ class Monitor:
     def _samples_updates(self) -> bool:
         return self._updates is not None and self._recorded % self.update_every == 0
 
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._recording():
-            self._guarded(self._collect)
-            if self._samples_updates():
-                self._guarded(self._updates.before)  # type: ignore[union-attr]
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        if not self._recording():
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if callable(closure):
+            # The gradients do not exist yet: the optimizer computes them by calling the
+            # closure (LBFGS, Lightning). Record right after its first call instead.
+            wrapped = self._after_closure(closure)
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (wrapped, *args[1:]), kwargs
+        self._grads_ready()
+        return None
+
+    def _after_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        done = False
+
+        def wrapped() -> Any:
+            nonlocal done
+            result = closure()
+            if not done:
+                done = True
+                self._grads_ready()
+            return result
+
+        return wrapped
+
+    def _grads_ready(self) -> None:
+        self._guarded(self._collect)
+        if self._samples_updates():
+            self._guarded(self._updates.before)  # type: ignore[union-attr]
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._pending is not None and self._updates is not None and self._updates.pending:

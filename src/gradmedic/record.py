@@ -48,7 +48,7 @@ class LazyRecord:
     def to_dict(self) -> dict[str, Any]:
         """The record as plain dicts, lists, floats and ints (cached)."""
         if self._plain is None:
-            assert self._data is not None  # noqa: S101 - internal invariant
+            assert self._data is not None
             plain = materialize(self._data)
             self._plain = self._finalize(plain) if self._finalize else plain
             self._data = None  # drop device tensors once read

@@ -18,9 +18,9 @@ def init_scheme(scheme: str, why: str = "") -> Remedy:
         else f"gradmedic.init.apply(model, {scheme!r})"
     )
     text = {
-        "he": "He (Kaiming) initialization: weight variance 2/fan_in keeps ReLU signals at constant size",
-        "xavier": "Xavier (Glorot) initialization: variance 2/(fan_in+fan_out) for tanh/sigmoid",
-        "orthogonal": "Orthogonal initialization: singular values 1, so the Jacobian preserves norms",
+        "he": "He (Kaiming) initialization: variance 2/fan_in keeps ReLU signals at constant size",
+        "xavier": "Xavier (Glorot) initialization: variance 2/(fan_in+fan_out), for tanh",
+        "orthogonal": "Orthogonal initialization: singular values 1, the Jacobian preserves norms",
         "lecun": "LeCun initialization: variance 1/fan_in",
         "lsuv": "LSUV: data-driven init scaling each layer until its output variance is 1",
     }.get(scheme, f"{scheme} initialization")
@@ -151,7 +151,9 @@ def truncate_bptt(steps: int, why: str = "") -> Remedy:
     """Backpropagate through at most ``steps`` time steps."""
     return Remedy(
         "truncate_bptt",
-        _join(f"Truncate backpropagation through time to {steps} steps (detach the hidden state)", why),
+        _join(
+            f"Truncate backpropagation through time to {steps} steps (detach the hidden state)", why
+        ),
         f"h = h.detach()  # every {steps} steps",
         {"steps": int(steps)},
     )

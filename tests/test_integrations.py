@@ -1,0 +1,114 @@
+"""Lightning and Hugging Face Trainer callbacks record real steps and diagnose them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradmedic
+from gradmedic.history import load_history
+
+
+def sigmoid_stack(depth: int = 20, width: int = 16) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def test_lightning_callback(tmp_path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradmedic.integrations.lightning import GradmedicCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = sigmoid_stack()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randn(64, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    sink = tmp_path / "pl.jsonl"
+    callback = GradmedicCallback(sink=sink)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.5,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    module = Module()
+    trainer.fit(module, loader)
+    header, rows = load_history(sink)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert header["layers"][0] == "net.0"
+    assert callback.diagnosis is not None and callback.diagnosis.has("vanishing")
+    assert callback.monitor is None  # detached at the end
+    # Recorded after Lightning's clipping: the global norm is at most the clip value.
+    assert all(r["global_grad_norm"] <= 0.5 + 1e-5 for r in rows)
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+def test_transformers_trainer_callback(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gradmedic.integrations.transformers import GradmedicTrainerCallback
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = sigmoid_stack()
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+    data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(48)]
+    sink = tmp_path / "hf.jsonl"
+    callback = GradmedicTrainerCallback(sink=sink)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=16,
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        save_strategy="no",
+        max_grad_norm=0.5,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=Model(), args=args, train_dataset=data, callbacks=[callback]
+    )
+    trainer.train()
+    _header, rows = load_history(sink)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert callback.diagnosis is not None and callback.diagnosis.has("vanishing")
+    assert all(r["global_grad_norm"] <= 0.5 + 1e-5 for r in rows)
+
+
+def test_innermost_optimizer_unwraps() -> None:
+    from gradmedic.integrations._session import innermost_optimizer
+
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert innermost_optimizer(Wrapper(Wrapper(opt))) is opt
+    with pytest.raises(TypeError, match="Optimizer"):
+        innermost_optimizer(Wrapper(object()))
+    assert gradmedic.watch  # public API stays importable without the frameworks
