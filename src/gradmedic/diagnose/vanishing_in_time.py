@@ -1,0 +1,179 @@
+"""Vanishing in time: ``||dL/dh_t||`` dies out within the sequence (K5, R8, R9).
+
+Fires when the gradient going back from the last processed step falls below
+``vanishing_gain`` (1e-3, the threshold of the depth detectors) of its last-step
+value within the sequence: measured (the horizon is shorter than the sequence)
+or fitted (``per_step_gain ** (T-1) < vanishing_gain``). Inputs further back than
+the horizon then move the weights less than a thousandth as much as the last
+ones: the network cannot learn dependencies that long. Critical beyond
+``severe_gain_decades`` (1e-6): below float32's resolution (1.2e-7) relative to the
+recent steps' terms, the far past does not register in the summed weight gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradmedic.diagnose.in_time import TimeFit, fit_modules
+from gradmedic.diagnose.profile import sci
+from gradmedic.diagnose.registry import register
+from gradmedic.findings import Finding, Problem, Remedy, Severity
+from gradmedic.remedies import catalog
+
+
+def vanishes(fit: TimeFit, limit: float) -> bool:
+    """Whether the profile decays below ``limit`` within the sequence."""
+    return fit.per_step_gain < 1 and (fit.total_gain < limit or fit.horizon is not None)
+
+
+def forget_bias_for(seq_len: int, limit: float) -> float:
+    """Forget-gate bias whose gate ``sigmoid(b)`` keeps ``f^(T-1) >= limit``.
+
+    ``f >= limit^(1/(T-1))``, so ``b = logit(f)``, rounded up to a half and at least 1.
+
+    Example:
+        >>> forget_bias_for(100, 1e-3)
+        3.0
+    """
+    f = limit ** (1.0 / max(seq_len - 1, 1))
+    b = math.log(f / (1.0 - f)) if f < 1 else 1.0
+    return max(1.0, math.ceil(b * 2) / 2)
+
+
+def remedies(fit: TimeFit, limit: float) -> list[Remedy]:
+    """Ranked cures for the kind of cell."""
+    out: list[Remedy] = []
+    reach = fit.horizon if fit.horizon is not None else fit.seq_len
+    if fit.kind == "lstm":
+        f = fit.gates.get("forget_gate_mean")
+        b = forget_bias_for(fit.seq_len, limit)
+        out.append(
+            catalog.forget_bias(
+                b,
+                "the cell gradient is multiplied by the forget gate at each step"
+                + (f" (measured mean {f:.2f})" if f is not None else "")
+                + f"; sigmoid({b:g}) = {1 / (1 + math.exp(-b)):.3f} keeps "
+                f"{fit.seq_len - 1} steps above {sci(limit)} (R8)",
+            )
+        )
+        out.append(
+            catalog.init_scheme(
+                "orthogonal",
+                _sigma_note(fit, "then set the forget bias again (init zeroes biases)"),
+            )
+        )
+    elif fit.kind == "gru":
+        out.append(catalog.init_scheme("orthogonal", _sigma_note(fit)))
+    else:
+        out.append(
+            catalog.gate_recurrent(
+                "lstm", "the cell state's additive path is scaled by a gate, not by W_hh (R8)"
+            )
+        )
+        out.append(
+            catalog.gate_recurrent("gru", "the update gate copies the state like a residual (R9)")
+        )
+        out.append(
+            catalog.init_scheme("orthogonal", _sigma_note(fit, "the largest without explosion"))
+        )
+    out.append(
+        catalog.truncate_bptt(
+            max(reach, 1),
+            f"beyond {reach} steps the gradient is below {sci(limit)} of the last step's "
+            "anyway: saves compute (does not lengthen the memory)",
+        )
+    )
+    return out
+
+
+def _sigma_note(fit: TimeFit, why: str = "") -> str:
+    block = "W_hh" if fit.kind == "rnn" else "the candidate block of W_hh"
+    now = f"{fit.sigma_max:.2g}" if fit.sigma_max is not None else "?"
+    return f"moves sigma_max of {block} from {now} to 1" + (f", {why}" if why else "")
+
+
+def explain(fit: TimeFit, limit: float) -> str:
+    """The chain-rule reason with the measured numbers."""
+    where = f"{fit.module}" + (f" ({fit.stream})" if fit.stream != "l0" else "")
+    text = (
+        f"In {where}, ||dL/dh_t|| shrinks by a factor {fit.per_step_gain:.3g} per step going "
+        f"back in time (least-squares fit over {fit.seq_len} steps, "
+        f"{sci(fit.total_gain)} across the sequence); "
+    )
+    if fit.horizon is not None:
+        text += (
+            f"it falls below {sci(limit)} of its last-step value after {fit.horizon} steps, "
+            f"so inputs further back barely affect the weight gradient. "
+        )
+    else:
+        text += "the fitted decay crosses the threshold within the sequence. "
+    sigma, rho = fit.sigma_max, fit.spectral_radius
+    if fit.kind == "rnn" and sigma is not None:
+        gamma = fit.gamma or 1.0
+        text += (
+            f"Each step multiplies the gradient by diag({fit.nonlinearity}'(a_t)) W_hh^T, whose "
+            f"norm is at most gamma * sigma_max = {gamma:g} * {sigma:.3g}. "
+        )
+        if sigma < 1 / gamma:
+            text += (
+                f"sigma_max(W_hh) = {sigma:.3g} < 1/gamma = {1 / gamma:g} is sufficient for "
+                "vanishing (Pascanu et al. 2013)."
+            )
+        else:
+            text += (
+                f"sigma_max(W_hh) = {sigma:.3g} >= 1/gamma, so the decay comes from the "
+                f"activation's slope (saturation, spectral radius {rho:.3g}), not from W_hh alone."
+            )
+    elif fit.kind == "lstm":
+        f = fit.gates.get("forget_gate_mean")
+        text += (
+            "Along the cell state the gradient is multiplied element-wise by the forget gate "
+            "at every step (dc_{t-1} = f_t * dc_t + ...)"
+        )
+        if f is not None:
+            text += (
+                f"; the forget gate averages {f:.3g} "
+                f"(std {fit.gates.get('forget_gate_std', 0):.2g}),"
+                f" so the cell path alone shrinks ~{f:.2g}x per step. The LSTM's protection "
+                "against vanishing (R8) holds only while the forget gate stays near 1."
+            )
+        else:
+            text += "."
+    elif fit.kind == "gru":
+        z = fit.gates.get("update_gate_mean")
+        text += "The GRU's direct path h_{t-1} -> h_t is scaled by the update gate z_t (R9)"
+        text += (
+            f"; z averages {z:.3g} (PyTorch's z is the fraction of the old state kept), far "
+            "from the copy regime z = 1."
+            if z is not None
+            else "."
+        )
+    return text
+
+
+@register(Problem.VANISHING_IN_TIME)
+def detect(rows: Sequence[Mapping[str, Any]], config: Any) -> list[Finding]:
+    """One finding per recurrent module whose gradient dies out within the sequence."""
+    limit = float(getattr(config, "vanishing_gain", 1e-3))
+    severe = 10.0 ** -float(getattr(config, "severe_gain_decades", 6.0))
+    findings = []
+    for module, fits in fit_modules(rows, config).items():
+        bad = [f for f in fits if vanishes(f, limit)]
+        if not bad:
+            continue
+        worst = min(bad, key=lambda f: f.total_gain)
+        critical = worst.total_gain < severe
+        findings.append(
+            Finding(
+                problem=Problem.VANISHING_IN_TIME,
+                severity=Severity.CRITICAL if critical else Severity.WARNING,
+                layers=[module],
+                evidence=worst.evidence({f.stream: f.per_step_gain for f in fits}),
+                explanation=explain(worst, limit),
+                remedies=remedies(worst, limit),
+                step=worst.step,
+            )
+        )
+    return findings
