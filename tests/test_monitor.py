@@ -485,3 +485,12 @@ def test_monitor_step_with_optimizer_warns() -> None:
         mon.step()
     assert any("ignored" in str(w.message) for w in caught)
     assert len(mon.history) == 0
+
+
+def test_sink_rank_template(tmp_path) -> None:
+    model = nn.Linear(2, 1)
+    with gradmedic.watch(model, sink=tmp_path / "run-{rank}.jsonl") as mon:
+        model(torch.randn(3, 2)).sum().backward()
+        mon.step()
+    header, rows = load_history(tmp_path / "run-0.jsonl")
+    assert len(rows) == 1 and header["layers"] == ["<root>"]

@@ -56,13 +56,15 @@ class JsonlSink:
     """Appends one JSON line per record and flushes it, so a crash loses nothing recorded.
 
     An existing file is appended to, never truncated: each run starts with a
-    header line ``{"gradmedic": version, "run": k, "layers": [...]}``.
+    header line ``{"gradmedic": version, "run": k, "layers": [...]}``. Under
+    torch.distributed, ``{rank}`` in the path becomes the process rank, so each
+    process of a DDP/FSDP job writes its own file.
     """
 
     def __init__(self, path: str | os.PathLike[str], header: dict[str, Any]) -> None:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"sink must be a file path, got {type(path).__name__}")
-        self.path = Path(path)
+        self.path = Path(_with_rank(os.fspath(path)))
         if self.path.is_dir():
             raise GradmedicError(
                 f"sink {self.path} is a directory; give a file path such as run.jsonl"
@@ -116,6 +118,15 @@ def load_history(path: str | os.PathLike[str], run: int = -1) -> tuple[dict[str,
         return runs[run]
     except IndexError:
         raise GradmedicError(f"{p} holds {len(runs)} run(s); run={run} is out of range") from None
+
+
+def _with_rank(path: str) -> str:
+    if "{rank}" not in path:
+        return path
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return path.replace("{rank}", str(rank))
 
 
 def _count_runs(path: Path) -> int:
