@@ -23,22 +23,23 @@ from gradmedic.findings import Diagnosis, Finding, Problem, Remedy, Severity
 __version__ = "0.1.0"
 
 # Public names loaded on first use, so `import gradmedic` costs torch and little else.
+# "module:attribute" names an attribute; a bare "module" is the name itself.
 _LAZY = {
-    "watch": "gradmedic.monitor",
-    "Monitor": "gradmedic.monitor",
-    "check": "gradmedic.check",
+    "watch": "gradmedic.monitor:watch",
+    "Monitor": "gradmedic.monitor:Monitor",
+    "check": "gradmedic.preflight:check",
     "theory": "gradmedic.theory",
-    "clip_grad_norm_": "gradmedic.remedies.clipping",
-    "clip_grad_value_": "gradmedic.remedies.clipping",
-    "AutoClip": "gradmedic.remedies.clipping",
-    "AGC": "gradmedic.remedies.clipping",
-    "ZClip": "gradmedic.remedies.clipping",
+    "clip_grad_norm_": "gradmedic.remedies.clipping:clip_grad_norm_",
+    "clip_grad_value_": "gradmedic.remedies.clipping:clip_grad_value_",
+    "AutoClip": "gradmedic.remedies.clipping:AutoClip",
+    "AGC": "gradmedic.remedies.clipping:AGC",
+    "ZClip": "gradmedic.remedies.clipping:ZClip",
     "init": "gradmedic.remedies.init",
     "surgery": "gradmedic.remedies.surgery",
-    "add_weight_decay": "gradmedic.remedies.weight_decay",
-    "repair": "gradmedic.repair",
-    "diagnose_rows": "gradmedic.diagnose",
-    "load_history": "gradmedic.history",
+    "add_weight_decay": "gradmedic.remedies.weight_decay:add_weight_decay",
+    "repair": "gradmedic.repair:repair",
+    "diagnose_rows": "gradmedic.diagnose:diagnose_rows",
+    "load_history": "gradmedic.history:load_history",
 }
 
 __all__ = [
@@ -68,11 +69,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
+    target = _LAZY.get(name)
+    if target is None:
         raise AttributeError(f"module 'gradmedic' has no attribute {name!r}")
+    module_name, _, attribute = target.partition(":")
     module = importlib.import_module(module_name)
-    value = module if module_name.rsplit(".", 1)[-1] == name else getattr(module, name)
+    value = getattr(module, attribute) if attribute else module
     globals()[name] = value
     return value
 
@@ -83,10 +85,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from gradmedic import theory
-    from gradmedic.check import check
     from gradmedic.diagnose import diagnose_rows
     from gradmedic.history import load_history
     from gradmedic.monitor import Monitor, watch
+    from gradmedic.preflight import check
     from gradmedic.remedies import init, surgery
     from gradmedic.remedies.clipping import AGC, AutoClip, ZClip, clip_grad_norm_, clip_grad_value_
     from gradmedic.remedies.weight_decay import add_weight_decay

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradmedic.context import model_context
 from gradmedic.errors import GradmedicError
 from gradmedic.history import History, JsonlSink
-from gradmedic.layers import LayerIndex, following_activations
+from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import DeltaProbe
 from gradmedic.probes.gradients import GradientProbe
@@ -241,7 +242,7 @@ class Monitor:
             self.history.rows(),
             config,
             layers=self.layers,
-            context={"activations": following_activations(self.model, self.layers)},
+            context=model_context(self.model, self.layers),
         )
 
     def close(self) -> None:

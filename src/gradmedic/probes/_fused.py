@@ -32,6 +32,24 @@ def foreach_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[tor
     return out
 
 
+def abs_maxes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``max |t|`` of each tensor as one float64 vector on ``device`` (NaN propagates).
+
+    ``torch.aminmax`` is several times faster on CPU than an infinity norm
+    (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``) and reads each
+    tensor once without allocating ``|t|``.
+    """
+    mins, maxs = [], []
+    for t in tensors:
+        if t.numel() == 0:
+            t = t.new_zeros(1)
+        lo, hi = torch.aminmax(t.detach())
+        mins.append(lo)
+        maxs.append(hi)
+    lo_v, hi_v = stack_on(mins, device), stack_on(maxs, device)
+    return torch.maximum(lo_v.neg(), hi_v)
+
+
 def stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Stack 0-d tensors into one float64 vector on ``device``."""
     return torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors])

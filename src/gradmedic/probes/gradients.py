@@ -7,7 +7,13 @@ from typing import Any
 import torch
 
 from gradmedic.layers import LayerIndex
-from gradmedic.probes._fused import foreach_norms, segment_max, segment_sqrt_sum_sq, stack_on
+from gradmedic.probes._fused import (
+    abs_maxes,
+    foreach_norms,
+    segment_max,
+    segment_sqrt_sum_sq,
+    stack_on,
+)
 from gradmedic.probes.base import Probe
 from gradmedic.record import NamedVector
 
@@ -57,7 +63,7 @@ class GradientProbe(Probe):
         grads = [g for _, g in picked]
         device = grads[0].device
         l2 = stack_on(self._reuse_or_compute(grads), device)
-        inf = stack_on(foreach_norms(grads, float("inf")), device)
+        inf = abs_maxes(grads, device)
         names, seg = index.segments(tuple(pos), device)
         layer_l2 = segment_sqrt_sum_sq(l2, seg, len(names))
         layer_max = segment_max(inf, seg, len(names))

@@ -1,0 +1,99 @@
+"""Non-finite values: the first module whose output, delta or gradient holds NaN/Inf.
+
+The monitor records ``nonfinite_origin = {layer, where, step}``: the first
+layer (with parameters) in forward order whose output is non-finite, else the
+first in backward order whose delta is, else the first gradient. A NaN made
+by a parameterless module (``log`` of a negative, ``0/0``) shows up at the
+next layer with parameters; the modules run in between, from the context's
+``forward_order``, are named as the suspects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradmedic.diagnose.config import DiagnosisConfig
+from gradmedic.diagnose.registry import register
+from gradmedic.findings import Finding, Problem, Remedy, Severity
+from gradmedic.remedies import catalog
+
+_WHERE = {
+    "forward": "the forward output",
+    "backward": "the gradient flowing back into the output (dL/d output)",
+    "gradient": "the parameters' gradient",
+}
+
+
+def suspects(origin: str, context: Mapping[str, Any]) -> list[str]:
+    """Parameterless modules run between the previous layer and ``origin`` (forward order)."""
+    exact = context.get("nonfinite_module")
+    if exact:
+        return [exact] if exact != origin else []
+    order = list(context.get("forward_order") or [])
+    layers = set(context.get("layers") or [])
+    if origin not in order or not layers:
+        return []
+    i = order.index(origin)
+    between: list[str] = []
+    for name in reversed(order[:i]):
+        if name in layers:
+            break
+        between.append(name)
+    return list(reversed(between))
+
+
+def _first_origin(rows: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Any] | None:
+    for row in rows:
+        origin = row.get("nonfinite_origin")
+        if origin:
+            return origin, row
+        loss = row.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            return {"layer": None, "where": "loss", "step": row.get("step")}, row
+    return None
+
+
+@register(Problem.NONFINITE)
+def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
+    """A critical finding at the first recorded non-finite origin."""
+    found = _first_origin(rows)
+    if found is None:
+        return []
+    origin, row = found
+    layer, where, step = origin.get("layer"), origin.get("where"), origin.get("step")
+    step = step if step is not None else row.get("step")
+    named = suspects(layer, config.context) if layer and where == "forward" else []
+    if layer is None:
+        text = f"The loss became {row.get('loss')} at step {step} while no layer's values did."
+    else:
+        text = f"At step {step}, {_WHERE.get(where, where)} of layer {layer!r} is the first NaN/Inf"
+        if named:
+            text += (
+                f"; its input is produced by the parameterless module(s) "
+                f"{', '.join(repr(n) for n in named)}, "
+                "so the NaN/Inf is made there (e.g. log or sqrt of a negative, 0/0, overflow)"
+            )
+        elif where == "forward" and layer == next(iter(config.context.get("layers") or []), None):
+            text += "; no layer runs before it, so check the input batch for NaN/Inf"
+        text += ". Every later layer and every gradient computed from it is NaN/Inf too."
+    first_record = rows and row is next(iter(rows))
+    remedies: list[Remedy] = []
+    if where != "forward" or not first_record:
+        # It appeared during training: steps too large inflated weights or gradients (K6).
+        remedies = [
+            catalog.lower_lr(0.1, "too large a step inflates weights, then gradients (K6)"),
+            catalog.clip_norm(1.0, "bounds every step whatever the gradient's size (R7)"),
+        ]
+    return [
+        Finding(
+            problem=Problem.NONFINITE,
+            severity=Severity.CRITICAL,
+            layers=[*named, layer] if layer else [],
+            evidence={"layer": layer, "where": where, "step": step, "suspects": named},
+            explanation=text,
+            remedies=remedies,
+            step=step,
+        )
+    ]

@@ -1,0 +1,149 @@
+"""Shared helpers of the detectors: per-layer profiles and the fitted per-layer gain.
+
+The delta ``delta_l = dL/dh_l`` obeys the chain rule
+``delta_{l-1} = W_l^T diag(phi'(z_l)) delta_l``, so going back one layer
+multiplies its norm by roughly the same factor ``g`` at every layer of a
+homogeneous stack, and ``||delta_1|| ~ g^(L-1) ||delta_L||``. A straight-line
+fit of ``log10 ||delta_l||`` against the layer index gives ``g`` robustly (one
+odd layer, e.g. a narrow output layer, moves it little); ``g^(L-1)`` is the
+total gain across the stack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Rows = Sequence[Mapping[str, Any]]
+
+
+def recent(rows: Rows, key: str, window: int) -> list[Mapping[str, Any]]:
+    """The last ``window`` rows holding a non-empty ``key``, oldest first."""
+    found = [row for row in rows if row.get(key)]
+    return found[-window:]
+
+
+def positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number > 0 (usable on a log scale)."""
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def layer_profile(
+    rows: Rows, key: str, window: int, layers: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Geometric mean over the last ``window`` rows of each layer's ``key`` value.
+
+    Values that are zero or non-finite are skipped (the non-finite and
+    dead-unit detectors own them). Layers follow ``layers`` when given, else
+    the key order of the latest row (input side first).
+    """
+    chosen = recent(rows, key, window)
+    if not chosen:
+        return {}
+    order = list(layers) if layers else list(chosen[-1][key])
+    out: dict[str, float] = {}
+    for name in order:
+        logs = [math.log(r[key][name]) for r in chosen if positive(r[key].get(name))]
+        if logs:
+            out[name] = math.exp(sum(logs) / len(logs))
+    return out
+
+
+@dataclass(frozen=True)
+class GainFit:
+    """A per-layer profile and the gain fitted to it.
+
+    Attributes:
+        source: The row key the profile came from (``delta_norm`` or ``grad_norm``).
+        layers: Layers in the fit, input side first.
+        values: Their values.
+        per_layer_gain: Factor by which the norm changes per layer going back
+            toward the input (``10**(-slope)`` of the fit of log10 values).
+        total_gain: ``per_layer_gain ** (len(layers) - 1)``.
+        end_ratio: ``values[0] / values[-1]`` as measured (input over output side).
+        step: Step of the latest row used.
+    """
+
+    source: str
+    layers: tuple[str, ...]
+    values: tuple[float, ...]
+    per_layer_gain: float
+    total_gain: float
+    end_ratio: float
+    step: int | None
+
+    def relative(self) -> dict[str, float]:
+        """Each layer's value over the output-side layer's value."""
+        last = self.values[-1]
+        return {n: v / last for n, v in zip(self.layers, self.values, strict=True)}
+
+
+def fit_gain(rows: Rows, window: int, layers: Sequence[str] | None = None) -> GainFit | None:
+    """Fit the per-layer gain of the delta profile (or the gradient profile without deltas).
+
+    Args:
+        rows: History rows.
+        window: How many of the latest rows to average.
+        layers: Layer order, input side first (default: the rows' key order).
+
+    Returns:
+        The fit, or None with fewer than two usable layers.
+    """
+    for source in ("delta_norm", "grad_norm"):
+        prof = layer_profile(rows, source, window, layers)
+        if len(prof) >= 2:
+            break
+    else:
+        return None
+    order = list(layers) if layers else list(recent(rows, source, 1)[-1][source])
+    position = {n: i for i, n in enumerate(order)}
+    names = [n for n in order if n in prof]
+    x = np.array([position[n] for n in names], dtype=float)
+    y = np.log10([prof[n] for n in names])
+    slope = float(np.polyfit(x, y, 1)[0])
+    per_layer = 10.0 ** (-slope)
+    total = 10.0 ** (-slope * float(x[-1] - x[0]))
+    latest = recent(rows, source, 1)[-1]
+    step = latest.get("step")
+    return GainFit(
+        source=source,
+        layers=tuple(names),
+        values=tuple(prof[n] for n in names),
+        per_layer_gain=per_layer,
+        total_gain=total,
+        end_ratio=prof[names[0]] / prof[names[-1]],
+        step=int(step) if step is not None else None,
+    )
+
+
+def activation_kinds(layers: Sequence[str], context: Mapping[str, Any]) -> list[str]:
+    """The activation class names following ``layers`` (those known from the context)."""
+    acts = context.get("activations") or {}
+    return [acts[n] for n in layers if acts.get(n)]
+
+
+def dominant(kinds: Sequence[str]) -> str | None:
+    """The most frequent entry of ``kinds`` (None when empty)."""
+    if not kinds:
+        return None
+    return max(set(kinds), key=lambda k: (kinds.count(k), k))
+
+
+def typical_weight_scale(layers: Sequence[str], context: Mapping[str, Any]) -> float | None:
+    """Median ``std(W) * sqrt(fan_in)`` of ``layers`` from the context, if known."""
+    scales = context.get("weight_scale") or {}
+    vals = [scales[n] for n in layers if positive(scales.get(n))]
+    return float(np.median(vals)) if vals else None
+
+
+def sci(value: float) -> str:
+    """A number in short scientific form for explanations (``7e-17``, ``0.14``)."""
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    if 1e-2 <= abs(value) < 1e3:
+        return f"{value:.2g}"
+    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")

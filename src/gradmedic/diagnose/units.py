@@ -1,0 +1,65 @@
+"""Shared helper of the unit-level detectors: activation statistics over recent records."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradmedic.diagnose.profile import recent
+
+# Activations bounded on both sides: their slope tends to 0 for large |x| (K3).
+# They are judged by saturation; every other kind (ReLU family) by dead units.
+SATURATING = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"})
+
+
+def unit_stats(rows: Sequence[Mapping[str, Any]], window: int) -> dict[str, dict[str, Any]]:
+    """Per activation module: its latest entry with each fraction replaced by its median.
+
+    The median over the last ``window`` records keeps a unit that was silent
+    for one batch only from being called dead.
+    """
+    chosen = recent(rows, "activations", window)
+    if not chosen:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, latest in chosen[-1]["activations"].items():
+        entry = dict(latest)
+        for key in ("dead_fraction", "saturated_fraction", "mean_slope"):
+            vals = [
+                r["activations"][name][key]
+                for r in chosen
+                if isinstance(r["activations"].get(name, {}).get(key), int | float)
+            ]
+            if vals:
+                entry[key] = statistics.median(vals)
+        entry["step"] = chosen[-1].get("step")
+        out[name] = entry
+    return out
+
+
+def pct(x: float) -> str:
+    """A fraction as a percentage for explanations."""
+    return f"{100 * x:.0f}%"
+
+
+def vanished_input(entry: Mapping[str, Any]) -> bool:
+    """Whether a module's input was identically 0 (the forward signal vanished before it).
+
+    Its units have zero slope, but no bias or weight of theirs is at fault: the
+    signal underflowed upstream (e.g. tiny weights over many layers).
+    """
+    return entry.get("input_mean") == 0.0 and entry.get("input_std") == 0.0
+
+
+def dead_modules(
+    rows: Sequence[Mapping[str, Any]], window: int, threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Activation modules (not bounded kinds) with at least ``threshold`` dead units."""
+    return {
+        name: s
+        for name, s in unit_stats(rows, window).items()
+        if s.get("kind") not in SATURATING
+        and not vanished_input(s)
+        and s.get("dead_fraction", 0.0) >= threshold
+    }

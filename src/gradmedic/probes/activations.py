@@ -1,0 +1,244 @@
+"""Activation health: dead and saturated units, via forward hooks on activation modules.
+
+For each activation module (ReLU, Sigmoid, Tanh, GELU, ...) and each recorded
+step, the probe keeps, with fixed memory:
+
+* one boolean per unit (per channel for convolution outputs): whether its
+  slope ``phi'(x)`` was non-zero for at least one input of the step. A unit
+  whose slope is exactly 0 for every input is **dead**: autograd multiplies
+  the gradient of its incoming weights by exactly that 0.
+* the count of evaluations with ``|phi'(x)| < 0.05 * max phi'`` (the
+  **saturation** rule: 5% of the activation's largest slope; tanh: |x| > 3.0,
+  sigmoid: |x| > 4.4, ReLU: x <= 0),
+* the mean of ``|phi'(x)| / max phi'`` and the input's mean and standard
+  deviation (for explanations).
+
+``phi'`` is computed in closed form for ReLU, Sigmoid and Tanh (the formulas
+autograd uses), by autograd on a detached copy for every other kind, so it
+is exactly the slope backpropagation applies. Work happens only in forwards
+with gradients enabled on recorded steps; hooks return None and never touch
+the tensors the model uses, so outputs stay bit-identical.
+
+Record entry::
+
+    "activations": {module: {"kind": "ReLU", "units": 256, "dead_fraction": f,
+                             "saturated_fraction": f, "mean_slope": f,
+                             "input_mean": m, "input_std": s}}
+
+A module called several times per forward gets one entry per call
+(``name``, ``name#1``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradmedic.layers import LayerIndex, is_activation
+from gradmedic.probes.base import Probe
+from gradmedic.probes.deltas import first_tensor
+
+SATURATION_SLOPE = 0.05  # the saturation rule: |phi'| < 5% of max phi'
+
+# Closed forms phi'(x) from (input, output): the formulas autograd's backward uses.
+_CLOSED: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ReLU": lambda x, y: (x > 0).to(x.dtype),
+    "Sigmoid": lambda x, y: y * (1 - y),
+    "Tanh": lambda x, y: 1 - y * y,
+    # RReLU draws its negative slope at random in training: read it back as y / x.
+    "RReLU": lambda x, y: torch.where(x > 0, torch.ones_like(x), y / x),
+}
+
+
+def slope(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``phi'(x)`` of an activation module (input ``x``, output ``y``)."""
+    closed = _CLOSED.get(type(module).__name__)
+    if closed is not None:
+        return closed(x, y)
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = module.forward(leaf.clone())  # forward() skips hooks; clone allows in-place kinds
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+    return grad
+
+
+def max_slope(module: nn.Module) -> float:
+    """``sup |phi'|`` over a grid of [-30, 30] (1.0 when the module rejects a 1-d grid)."""
+    kind = type(module).__name__
+    known = {"ReLU": 1.0, "Sigmoid": 0.25, "Tanh": 1.0, "RReLU": 1.0}
+    if kind in known:
+        return known[kind]
+    try:
+        grid = torch.linspace(-30.0, 30.0, 6001)
+        grid = torch.cat([grid, torch.zeros(1)])
+        with torch.no_grad():
+            value = float(slope(module, grid, grid).abs().max())
+    except (RuntimeError, ValueError):
+        return 1.0
+    return value if value > 0 else 1.0
+
+
+def _channels_first(model: nn.Module) -> set[str]:
+    """Activation modules that follow a conv/norm layer: their 3-d outputs are (N, C, L)."""
+    out: set[str] = set()
+    last: nn.Module | None = None
+    for name, module in model.named_modules():
+        if is_activation(module):
+            conv_like = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+            if isinstance(last, conv_like):
+                out.add(name)
+        elif any(True for _ in module.parameters(recurse=False)):
+            last = module
+    return out
+
+
+@dataclass
+class _Stats:
+    """Accumulators of one activation call site over a recorded step (fixed memory)."""
+
+    kind: str
+    units: int
+    active: torch.Tensor | None = None  # bool per unit: slope != 0 at least once
+    saturated: torch.Tensor | float = 0.0  # count of near-zero slopes
+    rel_slope: torch.Tensor | float = 0.0  # sum of |phi'| / max phi'
+    x_sum: torch.Tensor | float = 0.0
+    x_sq: torch.Tensor | float = 0.0
+    count: int = 0
+
+
+class ActivationProbe(Probe):
+    """Dead-unit and saturation statistics of every activation module.
+
+    ``mean_slope`` is the mean of ``|phi'(x)| / max phi'`` (1: every
+    evaluation at the steepest slope).
+    """
+
+    name = "activations"
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+        self._recording = True
+        self._stats: dict[str, _Stats] = {}
+        self._calls: dict[str, int] = {}
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._max: dict[str, float] = {}
+        self.on_error: Any = None
+
+    def attach(self, index: LayerIndex) -> None:
+        """Hook every activation module of ``index.model``."""
+        model = index.model
+        channels_first = _channels_first(model)
+        self._handles.append(model.register_forward_pre_hook(self._new_forward))
+        for name, module in model.named_modules():
+            if not is_activation(module):
+                continue
+            self._max[name] = max_slope(module)
+            if getattr(module, "inplace", False):  # the forward hook would see the output
+                self._handles.append(module.register_forward_pre_hook(self._keep_input(name)))
+            self._handles.append(
+                module.register_forward_hook(self._hook(name, name in channels_first))
+            )
+
+    def _active(self) -> bool:
+        return self._recording and torch.is_grad_enabled()
+
+    def _new_forward(self, module: nn.Module, inputs: Any) -> None:
+        self._calls = {}
+
+    def _keep_input(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            x = first_tensor(inputs)
+            if self._active() and x is not None:
+                self._inputs[name] = x.detach().clone()
+
+        return hook
+
+    def _hook(self, name: str, channels_first: bool) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self._active():
+                return
+            try:
+                kept = self._inputs.pop(name, None)
+                x = kept if kept is not None else first_tensor(inputs)
+                y = first_tensor(output)
+                if x is None or y is None or x.numel() == 0 or x.shape != y.shape:
+                    return
+                call = self._calls.get(name, 0)
+                self._calls[name] = call + 1
+                key = name if call == 0 else f"{name}#{call}"
+                with torch.no_grad():
+                    self._update(key, module, x.detach(), y.detach(), channels_first, name)
+            except Exception as exc:  # monitoring must never break training
+                if self.on_error is not None:
+                    self.on_error(self, exc)
+
+        return hook
+
+    def _update(
+        self,
+        key: str,
+        module: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        channels_first: bool,
+        name: str,
+    ) -> None:
+        finite = torch.isfinite(x)
+        # A non-finite input says nothing about the unit: count it active, slope 0 in sums.
+        d = torch.where(finite, slope(module, x, y).abs(), 0.0)
+        unit_dim = 1 if x.dim() >= 4 or (x.dim() == 3 and channels_first) else -1
+        alive = (d != 0) | ~finite
+        alive = alive.movedim(unit_dim, -1) if x.dim() >= 2 else alive.unsqueeze(0)
+        active = alive.reshape(-1, alive.shape[-1]).any(dim=0)
+        top = self._max[name]
+        xf = x.float()
+        stats = self._stats.get(key)
+        if stats is None or stats.units != active.numel():
+            stats = self._stats[key] = _Stats(type(module).__name__, active.numel())
+        stats.active = active if stats.active is None else stats.active | active
+        stats.saturated += ((d < SATURATION_SLOPE * top) & finite).sum()
+        stats.rel_slope += d.float().sum() / top
+        stats.x_sum += xf.sum()
+        stats.x_sq += xf.square().sum()
+        stats.count += d.numel()
+
+    def set_recording(self, recording: bool) -> None:
+        """Only recorded steps pay for the hooks."""
+        self._recording = recording
+
+    def collect(self, step: int) -> dict[str, Any]:
+        """The step's statistics per activation module (tensors stay on device)."""
+        if not self._stats:
+            return {}
+        out: dict[str, Any] = {}
+        for key, s in self._stats.items():
+            mean = s.x_sum / s.count
+            var = (s.x_sq / s.count - mean.square()).clamp_min(0)
+            out[key] = {
+                "kind": s.kind,
+                "units": s.units,
+                "dead_fraction": 1.0 - s.active.float().mean(),  # type: ignore[union-attr]
+                "saturated_fraction": torch.as_tensor(s.saturated, dtype=torch.float64) / s.count,
+                "mean_slope": torch.as_tensor(s.rel_slope, dtype=torch.float64) / s.count,
+                "input_mean": mean,
+                "input_std": var.sqrt(),
+            }
+        return {"activations": out}
+
+    def reset(self) -> None:
+        """Forget this step's statistics."""
+        self._stats = {}
+        self._calls = {}
+        self._inputs = {}
+
+    def detach(self) -> None:
+        """Remove every hook."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.reset()

@@ -1,0 +1,308 @@
+"""Gradient clipping by global norm and by value, fused and monitor-aware.
+
+Drop-in replacements for :func:`torch.nn.utils.clip_grad_norm_` and
+:func:`torch.nn.utils.clip_grad_value_` (same arguments, same numbers). The
+per-parameter norms are computed once with ``torch._foreach_norm``; when a
+:func:`gradmedic.watch` monitor is watching the parameters, it is told what the
+clipping did and reuses those norms instead of reading the gradients again.
+
+The adaptive clippers :class:`AutoClip`, :class:`AGC` and :class:`ZClip` live in
+:mod:`gradmedic.remedies.adaptive_clipping` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+from gradmedic.errors import GradmedicError
+
+if TYPE_CHECKING:  # loaded lazily by __getattr__ below (they import this module)
+    from gradmedic.remedies.adaptive_clipping import AGC, AutoClip, ZClip
+
+__all__ = ["AGC", "AutoClip", "ZClip", "clip_grad_norm_", "clip_grad_value_"]
+
+_ADAPTIVE = ("AGC", "AutoClip", "ZClip")
+
+Params = torch.Tensor | Iterable[torch.Tensor]
+
+
+def clip_grad_norm_(
+    parameters: Params,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Scale all gradients together so that their joint norm is at most ``max_norm``.
+
+    .. math::
+        \|g\| = \Big\|\big(\|g_1\|_p, \dots, \|g_n\|_p\big)\Big\|_p, \qquad
+        g_i \leftarrow g_i \cdot \min\Big(\frac{\text{max\_norm}}{\|g\| + 10^{-6}}, 1\Big)
+
+    Same arguments and numbers as :func:`torch.nn.utils.clip_grad_norm_` (seed 002's
+    ``clip_grads``). No host synchronization unless ``error_if_nonfinite``.
+
+    Args:
+        parameters: A tensor or an iterable of tensors whose ``.grad`` is clipped in place.
+        max_norm: The largest allowed total norm.
+        norm_type: The ``p`` of the p-norm; ``float('inf')`` for the max norm.
+        error_if_nonfinite: Raise if the total norm is NaN or infinite.
+        foreach: Use the fused ``torch._foreach_*`` kernels (``None``: where supported).
+
+    Returns:
+        The total norm of the gradients before clipping (a 0-d tensor).
+
+    Raises:
+        GradmedicError: (a ``RuntimeError``) if ``error_if_nonfinite`` and the norm is not finite.
+
+    Example:
+        >>> import torch, gradmedic
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> float(gradmedic.clip_grad_norm_([w], max_norm=1.0))
+        5.0
+        >>> [round(v, 4) for v in w.grad.tolist()]
+        [0.6, 0.8]
+    """
+    params = _as_list(parameters, warn_empty=True)
+    max_norm = float(max_norm)
+    norm_type = float(norm_type)
+    with torch.no_grad():
+        pairs = [(p, p.grad) for p in params if p.grad is not None]
+        if not pairs:
+            return torch.tensor(0.0)
+        grads = [g for _, g in pairs]
+        norms = grad_norms(grads, norm_type, foreach)
+        total = total_norm(norms, norm_type, grads[0].device)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise GradmedicError(
+                f"The total norm of order {norm_type} of the gradients is non-finite "
+                f"({float(total)}), so it cannot be clipped. Find where the NaN/Inf first "
+                "appears (gradmedic.watch records its origin) or pass error_if_nonfinite=False "
+                "to scale by the non-finite norm anyway."
+            )
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        scale_grads_(grads, scale, foreach)
+        monitor = active_monitor([p for p, _ in pairs])
+        if monitor is not None:
+            notify(
+                monitor,
+                grads,
+                norms if norm_type == 2.0 else None,
+                {
+                    "kind": "norm",
+                    "threshold": max_norm,
+                    "total_norm": total,
+                    "clipped": total > max_norm,
+                    "scale": scale,
+                },
+            )
+    return total
+
+
+def clip_grad_value_(parameters: Params, clip_value: float, foreach: bool | None = None) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]``.
+
+    Same arguments and numbers as :func:`torch.nn.utils.clip_grad_value_` (seed 004's
+    ``clip by value at 1.0``). Unlike norm clipping this changes the gradient's direction.
+
+    Args:
+        parameters: A tensor or an iterable of tensors whose ``.grad`` is clamped in place.
+        clip_value: The largest allowed absolute value of a gradient element.
+        foreach: Use the fused ``torch._foreach_*`` kernels (``None``: where supported).
+
+    Example:
+        >>> import torch, gradmedic
+        >>> w = torch.nn.Parameter(torch.zeros(3)); w.grad = torch.tensor([-5.0, 0.5, 2.0])
+        >>> gradmedic.clip_grad_value_([w], clip_value=1.0)
+        >>> w.grad.tolist()
+        [-1.0, 0.5, 1.0]
+    """
+    params = _as_list(parameters)
+    clip_value = float(clip_value)
+    with torch.no_grad():
+        pairs = [(p, p.grad) for p in params if p.grad is not None]
+        if not pairs:
+            return
+        grads = [g for _, g in pairs]
+        monitor = active_monitor([p for p, _ in pairs])
+        if monitor is not None:
+            # The monitor wants the pre-clip norm and whether anything was clamped;
+            # computing them costs two extra fused passes, paid only while watched.
+            device = grads[0].device
+            before = total_norm(grad_norms(grads, 2.0, foreach), 2.0, device)
+            peak = total_norm(grad_norms(grads, float("inf"), foreach), float("inf"), device)
+        for device_grads, device in _groups(grads):
+            if _use_foreach(device_grads, device, foreach):
+                torch._foreach_clamp_min_(device_grads, -clip_value)
+                torch._foreach_clamp_max_(device_grads, clip_value)
+            else:
+                for g in device_grads:
+                    g.clamp_(min=-clip_value, max=clip_value)
+        if monitor is not None:
+            after = total_norm(grad_norms(grads, 2.0, foreach), 2.0, grads[0].device)
+            notify(
+                monitor,
+                grads,
+                None,
+                {
+                    "kind": "value",
+                    "threshold": clip_value,
+                    "total_norm": before,
+                    "clipped": peak > clip_value,
+                    "scale": after / before.clamp(min=1e-30),
+                },
+            )
+
+
+# --- shared pieces (also used by the adaptive clippers) --------------------------------
+
+
+def grad_norms(
+    grads: list[torch.Tensor],
+    norm_type: float = 2.0,
+    foreach: bool | None = None,
+    upcast: bool = False,
+) -> list[torch.Tensor]:
+    """Per-tensor ``norm_type`` norms, in input order, exactly as torch's clipping computes them.
+
+    One ``torch._foreach_norm`` per (device, dtype) group; half-precision inputs give
+    half-precision norms, as in :func:`torch.nn.utils.get_total_norm`, unless ``upcast``
+    (then they are reduced and returned in float32).
+    """
+    out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+    for idx, members, device in _indexed_groups(grads):
+        dtype = members[0].dtype
+        acc = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else None
+        if _use_foreach(members, device, foreach):
+            norms = torch._foreach_norm(members, norm_type, dtype=acc)
+        else:
+            norms = [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in members]
+        for i, n in zip(idx, norms, strict=True):
+            out[i] = n
+    return out
+
+
+def total_norm(norms: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
+    """The p-norm of the per-tensor p-norms: the norm of all tensors as one vector."""
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+
+
+def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply every gradient in place by the 0-d tensor ``scale`` (no host sync)."""
+    for device_grads, device in _groups(grads):
+        if _use_foreach(device_grads, device, foreach):
+            torch._foreach_mul_(device_grads, scale.to(device))
+        else:
+            s = scale.to(device)
+            for g in device_grads:
+                g.mul_(s)
+
+
+def active_monitor(params: list[torch.Tensor]) -> Any:
+    """The running :class:`gradmedic.Monitor` watching ``params``, or None.
+
+    Never raises: without ``gradmedic.monitor`` or an active monitor this is a no-op.
+    """
+    module = _monitor_module()
+    if module is None or not params:
+        return None
+    try:
+        return module.find_monitor(params)
+    except Exception as exc:  # a monitor bug must not stop training
+        _warn_once(f"gradmedic: could not look up the active monitor ({exc!r}); clipping goes on.")
+        return None
+
+
+def notify(
+    monitor: Any,
+    grads: list[torch.Tensor],
+    per_param_norms: list[torch.Tensor] | None,
+    info: dict[str, Any],
+) -> None:
+    """Tell ``monitor`` what a clipping call did; swallow (and warn about) any error in it.
+
+    ``per_param_norms`` are the pre-clip L2 norms of ``grads`` (None when the clip did
+    not scale every gradient by the one factor ``info["scale"]``).
+    """
+    try:
+        monitor.note_clip(grads, per_param_norms, info)
+    except Exception as exc:
+        _warn_once(f"gradmedic: the monitor rejected a clipping note ({exc!r}); clipping goes on.")
+
+
+def _as_list(parameters: Params, warn_empty: bool = False) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    is_generator = isinstance(parameters, types.GeneratorType)
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise TypeError(
+            "parameters must be a tensor or an iterable of tensors (e.g. model.parameters()), "
+            f"got {type(parameters).__name__}"
+        ) from None
+    if warn_empty and is_generator and not params:
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+        )
+    return params
+
+
+def _indexed_groups(
+    tensors: list[torch.Tensor],
+) -> list[tuple[list[int], list[torch.Tensor], torch.device]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return [([*idx], [tensors[i] for i in idx], dev) for (dev, _), idx in groups.items()]
+
+
+def _groups(tensors: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.device]]:
+    return [(members, dev) for _, members, dev in _indexed_groups(tensors)]
+
+
+def _use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
+    if foreach is None:
+        return _has_foreach_support(tensors, device)
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors; "
+            "pass foreach=None or False"
+        )
+    return bool(foreach)
+
+
+_MONITOR: list[Any] = []  # [module] once imported, [None] if gradmedic.monitor is missing
+_WARNED: set[str] = set()
+
+
+def _monitor_module() -> Any:
+    if not _MONITOR:
+        try:
+            _MONITOR.append(importlib.import_module("gradmedic.monitor"))
+        except Exception:  # missing or broken: clipping must work without it
+            _MONITOR.append(None)
+    module = _MONITOR[0]
+    return module if module is not None and hasattr(module, "find_monitor") else None
+
+
+def _warn_once(message: str) -> None:
+    key = message.split("(", 1)[0]
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def __getattr__(name: str) -> Any:
+    # The adaptive clippers import this module's helpers, so they load on first use.
+    if name in _ADAPTIVE:
+        module = importlib.import_module("gradmedic.remedies.adaptive_clipping")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

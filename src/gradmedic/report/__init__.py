@@ -1,0 +1,1 @@
+"""Showing a diagnosis: the rich terminal view (``terminal``) and the HTML report."""

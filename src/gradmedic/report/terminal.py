@@ -1,0 +1,146 @@
+"""The rich terminal view of a Diagnosis.
+
+A per-layer bar of ``log10`` of the delta and gradient norms from the input
+side to the output side, then each finding with its evidence and ranked
+remedies.
+
+Example:
+    >>> import io
+    >>> from rich.console import Console
+    >>> from gradmedic.findings import Diagnosis
+    >>> console = Console(width=80, record=True, file=io.StringIO())
+    >>> console.print(Diagnosis(layers=["0"], profile={"grad_norm": {"0": 0.5}}))
+    >>> "healthy" in console.export_text()
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from gradmedic.findings import Diagnosis, Finding, Severity
+
+BAR_WIDTH = 24
+MAX_ROWS = 40  # layers shown in the bar view; deeper models are sampled evenly
+_STYLE = {Severity.INFO: "blue", Severity.WARNING: "yellow", Severity.CRITICAL: "bold red"}
+
+
+def render_diagnosis(diagnosis: Diagnosis) -> RenderableType:
+    """The terminal view of ``diagnosis``: header, per-layer bars, findings."""
+    parts: list[RenderableType] = [_header(diagnosis)]
+    bars = render_profile(diagnosis)
+    if bars is not None:
+        parts.append(bars)
+    theory = diagnosis.context.get("theory")
+    if isinstance(theory, Mapping) and theory.get("covered"):
+        parts.append(
+            Text(
+                f"Mean-field prediction: per-layer gain {theory.get('geometric_mean_gain', 0):.3g}"
+                f", total {theory.get('total_gain', float('nan')):.3g} over "
+                f"{len(theory.get('gains', ()))} layers",
+                style="dim",
+            )
+        )
+    parts.extend(render_finding(f) for f in diagnosis.findings)
+    return Group(*parts)
+
+
+def _header(diagnosis: Diagnosis) -> Text:
+    if diagnosis.healthy:
+        return Text("gradmedic: healthy, no gradient problem found", style="bold green")
+    listed = ", ".join(f"{f.problem.value} ({f.severity.value})" for f in diagnosis.findings)
+    return Text(f"gradmedic: {len(diagnosis.findings)} finding(s): {listed}", style="bold red")
+
+
+def bar(value: float | None, low: float, high: float, width: int = BAR_WIDTH) -> str:
+    """A bar whose length is ``log10(value)`` placed between ``low`` and ``high``."""
+    if value is None:
+        return ""
+    if not math.isfinite(value):
+        return "!" * width
+    if value <= 0:
+        return "·"
+    span = high - low
+    frac = 1.0 if span <= 0 else (math.log10(value) - low) / span
+    return "█" * max(1, round(frac * width))
+
+
+def render_profile(diagnosis: Diagnosis) -> Table | None:
+    """Per-layer bars of log10 delta and gradient norms (None without a profile)."""
+    keys = [k for k in ("delta_norm", "grad_norm") if diagnosis.profile.get(k)]
+    if not keys:
+        return None
+    layers = diagnosis.layers or list(diagnosis.profile[keys[0]])
+    flagged = {name for f in diagnosis.findings for name in f.layers}
+    shown = layers
+    if len(layers) > MAX_ROWS:
+        step = (len(layers) - 1) / (MAX_ROWS - 1)
+        shown = [layers[round(i * step)] for i in range(MAX_ROWS)]
+    title = "log10 norms per layer, input side first"
+    if len(shown) < len(layers):
+        title += f" ({len(shown)} of {len(layers)} layers)"
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    table.add_column("layer")
+    ranges = {}
+    for key in keys:
+        logs = [math.log10(v) for v in diagnosis.profile[key].values() if 0 < v < math.inf]
+        ranges[key] = (min(logs) - 1, max(logs)) if logs else (0.0, 1.0)
+        label = "||dL/d output||" if key == "delta_norm" else "||dL/dW||"
+        table.add_column(label, no_wrap=True)
+        table.add_column("", justify="right")
+    for name in shown:
+        cells: list[Any] = [Text(name, style="bold red" if name in flagged else "")]
+        for key in keys:
+            v = diagnosis.profile[key].get(name)
+            style = "cyan" if key == "delta_norm" else "green"
+            cells.append(Text(bar(v, *ranges[key]), style=style))
+            cells.append("" if v is None else f"{v:.2e}")
+        table.add_row(*cells)
+    return table
+
+
+def render_finding(finding: Finding) -> Panel:
+    """One finding: explanation, evidence numbers, ranked remedies."""
+    body: list[RenderableType] = [Text(finding.explanation)]
+    evidence = Table(box=None, show_header=False, pad_edge=False)
+    evidence.add_column(style="dim")
+    evidence.add_column()
+    for key, value in finding.evidence.items():
+        text = _short(value)
+        if text:
+            evidence.add_row(key, text)
+    if evidence.row_count:
+        body.append(evidence)
+    for i, remedy in enumerate(finding.remedies, 1):
+        body.append(Text.assemble(f"{i}. {remedy.description}\n   ", (remedy.call, "cyan")))
+    layers = list(finding.layers)
+    shown = ", ".join(layers[:6]) + (f" ... ({len(layers)} layers)" if len(layers) > 6 else "")
+    return Panel(
+        Group(*body),
+        title=Text(f"{finding.problem.value} [{finding.severity.value}] {shown}"),
+        title_align="left",
+        border_style=_STYLE[finding.severity],
+    )
+
+
+def _short(value: Any) -> str:
+    """Evidence values in one line: numbers in 3 digits, dicts summarized."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        nums = [(k, v) for k, v in items if isinstance(v, int | float)]
+        if len(nums) != len(items) or not nums:
+            return ""
+        head = ", ".join(f"{k}: {v:.3g}" for k, v in nums[:4])
+        return head + (f", ... ({len(nums)} entries)" if len(nums) > 4 else "")
+    return str(value)

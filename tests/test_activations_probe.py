@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradmedic.layers import LayerIndex
+from gradmedic.probes.activations import ActivationProbe, max_slope
+from gradmedic.record import materialize
+
+
+def run(model: nn.Module, x: torch.Tensor, *, recording: bool = True, grad: bool = True) -> dict:
+    probe = ActivationProbe()
+    probe.attach(LayerIndex(model))
+    probe.set_recording(recording)
+    with torch.set_grad_enabled(grad):
+        model(x)
+    out = materialize(probe.collect(0))
+    probe.detach()
+    return out.get("activations", {})
+
+
+def test_dead_fraction_counts_units_silent_for_every_input():
+    lin = nn.Linear(8, 10)
+    with torch.no_grad():
+        lin.bias[:4] = -100.0  # 4 of 10 units negative for every input
+    model = nn.Sequential(lin, nn.ReLU())
+    x = torch.randn(32, 8)
+    stats = run(model, x)["1"]
+    z = lin(x).detach()
+    expected = float(((z > 0).sum(0) == 0).float().mean())
+    assert expected == pytest.approx(0.4)
+    assert stats["kind"] == "ReLU" and stats["units"] == 10
+    assert stats["dead_fraction"] == pytest.approx(expected)
+    assert stats["input_mean"] == pytest.approx(float(z.mean()), rel=1e-5)
+    assert stats["input_std"] == pytest.approx(float(z.std(unbiased=False)), rel=1e-4)
+
+
+def test_saturation_and_mean_slope_match_autograd():
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh())
+    with torch.no_grad():
+        model[0].weight.mul_(6.0)
+    x = torch.randn(50, 16)
+    stats = run(model, x)["1"]
+    z = model[0](x).detach().requires_grad_(True)
+    (d,) = torch.autograd.grad(torch.tanh(z).sum(), z)
+    assert stats["saturated_fraction"] == pytest.approx(float((d.abs() < 0.05).float().mean()))
+    assert 0.2 < stats["saturated_fraction"] < 0.9
+    assert stats["mean_slope"] == pytest.approx(float(d.abs().mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.ELU(), nn.Softplus(), nn.Mish()])
+def test_autograd_kinds_match_autograd(act):
+    model = nn.Sequential(nn.Linear(8, 32), act)
+    x = 3 * torch.randn(40, 8)
+    stats = run(model, x)["1"]
+    z = model[0](x).detach().requires_grad_(True)
+    (d,) = torch.autograd.grad(act(z).sum(), z)
+    grid = torch.linspace(-30, 30, 6001).requires_grad_(True)
+    (g,) = torch.autograd.grad(act(grid).sum(), grid)
+    top = float(g.abs().max())
+    assert max_slope(act) == pytest.approx(top, rel=1e-3)
+    assert stats["saturated_fraction"] == pytest.approx(
+        float((d.abs() < 0.05 * top).float().mean()), abs=1e-6
+    )
+    assert stats["mean_slope"] == pytest.approx(float(d.abs().mean() / top), rel=1e-4)
+
+
+def test_sigmoid_max_slope_is_a_quarter():
+    assert max_slope(nn.Sigmoid()) == 0.25
+    assert max_slope(nn.LeakyReLU(0.1)) == pytest.approx(1.0)
+
+
+def test_conv_units_are_channels():
+    for cls, shape in [(nn.Conv2d, (4, 3, 8, 8)), (nn.Conv1d, (4, 3, 20))]:
+        c = cls(3, 6, 3, padding=1)
+        with torch.no_grad():
+            c.bias[2] = -1e3
+        stats = run(nn.Sequential(c, nn.ReLU()), torch.randn(*shape))["1"]
+        assert stats["units"] == 6
+        assert stats["dead_fraction"] == pytest.approx(1 / 6)
+
+
+def test_sequence_outputs_use_the_feature_dimension():
+    lin = nn.Linear(8, 12)
+    with torch.no_grad():
+        lin.bias[:3] = -1e3
+    stats = run(nn.Sequential(lin, nn.ReLU()), torch.randn(2, 7, 8))["1"]
+    assert stats["units"] == 12
+    assert stats["dead_fraction"] == pytest.approx(3 / 12)
+
+
+@pytest.mark.parametrize("make", [lambda i: nn.ReLU(inplace=i), lambda i: nn.ELU(inplace=i)])
+def test_inplace_modules_measure_the_input(make):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 16)
+    x = torch.randn(20, 8)
+    plain = run(nn.Sequential(lin, make(False)), x)["1"]
+    inplace = run(nn.Sequential(lin, make(True)), x)["1"]
+    assert inplace == pytest.approx(plain)
+
+
+def test_records_only_when_recording_and_grad_enabled():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert run(model, torch.randn(3, 4), recording=False) == {}
+    assert run(model, torch.randn(3, 4), grad=False) == {}
+
+
+def test_window_is_the_union_of_forwards():
+    lin = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        lin.weight[:] = torch.tensor([[1.0], [-1.0]])
+    model = nn.Sequential(lin, nn.ReLU())
+    probe = ActivationProbe()
+    probe.attach(LayerIndex(model))
+    model(torch.ones(5, 1))  # unit 1 silent
+    assert materialize(probe.collect(0))["activations"]["1"]["dead_fraction"] == 0.5
+    model(-torch.ones(5, 1))  # now unit 1 fires: nobody is dead over both forwards
+    assert materialize(probe.collect(0))["activations"]["1"]["dead_fraction"] == 0.0
+    probe.reset()
+    assert probe.collect(0) == {}
+
+
+def test_shared_module_gets_one_entry_per_call():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(4, 8), nn.Linear(8, 3), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.b(self.act(self.a(x))))
+
+    stats = run(Net(), torch.randn(6, 4))
+    assert sorted(stats) == ["act", "act#1"]
+    assert stats["act"]["units"] == 8 and stats["act#1"]["units"] == 3
+
+
+def test_outputs_and_gradients_are_bit_identical():
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(8, 16), nn.RReLU(), nn.Dropout(0.3), nn.Linear(16, 16),
+            nn.ELU(inplace=True), nn.Linear(16, 16), nn.GELU(), nn.Sigmoid(), nn.Linear(16, 2),
+        )  # fmt: skip
+
+    x = torch.randn(10, 8)
+    results = []
+    for with_probe in (False, True):
+        model = build()
+        probe = ActivationProbe()
+        if with_probe:
+            probe.attach(LayerIndex(model))
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        if with_probe:
+            assert probe.collect(0)["activations"]
+            probe.detach()
+            assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_nonfinite_inputs_do_not_count_as_dead():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    x = torch.full((3, 4), float("nan"))
+    stats = run(model, x)["1"]
+    assert stats["dead_fraction"] == 0.0

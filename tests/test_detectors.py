@@ -1,0 +1,202 @@
+"""Detectors on hand-made rows: each number checked against a closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gradmedic.diagnose import DiagnosisConfig, diagnose_rows
+from gradmedic.diagnose.unstable_updates import lr_factor
+from gradmedic.findings import Problem, Severity
+
+
+def geometric(n: int, gain: float, last: float = 1.0) -> dict[str, float]:
+    """Delta norms of n layers, each going back multiplying by ``gain``."""
+    return {f"fc{i}": last * gain ** (n - 1 - i) for i in range(n)}
+
+
+def acts(**fractions: tuple[str, float, float]) -> dict:
+    return {
+        name: {"kind": kind, "units": 100, "dead_fraction": dead, "saturated_fraction": sat,
+               "mean_slope": 0.5, "input_mean": 0.1, "input_std": 1.0}
+        for name, (kind, dead, sat) in fractions.items()
+    }  # fmt: skip
+
+
+def test_vanishing_recovers_gain_and_names_input_side_layers():
+    rows = [{"step": 3, "delta_norm": geometric(20, 0.12)}]
+    context = {"activations": {f"fc{i}": "Sigmoid" for i in range(19)}}
+    d = diagnose_rows(rows, context=context)
+    assert d.problems == {Problem.VANISHING}
+    f = d.findings[0]
+    assert f.evidence["per_layer_gain"] == pytest.approx(0.12)
+    assert f.evidence["total_gain"] == pytest.approx(0.12**19)
+    assert f.evidence["input_output_ratio"] == pytest.approx(0.12**19)
+    # layers receiving < 1e-3 of the output side's delta: 0.12^k < 1e-3 <=> k >= 4
+    assert list(f.layers) == [f"fc{i}" for i in range(20 - 4)]
+    assert f.severity is Severity.CRITICAL and f.step == 3
+    assert "19 Sigmoid layers" in f.explanation and "0.12" in f.explanation
+    assert "sigma' <= 1/4" in f.explanation
+    assert f.remedies[0].name == "swap_relu"
+
+
+def test_gain_within_threshold_is_healthy():
+    # 0.7 per layer over 19 layers: 1.1e-3, just above 1e-3
+    assert diagnose_rows([{"step": 0, "delta_norm": geometric(20, 0.7)}]).healthy
+    assert diagnose_rows([{"step": 0, "delta_norm": geometric(20, 1.4)}]).healthy  # 600
+    d = diagnose_rows([{"step": 0, "delta_norm": geometric(20, 0.69)}])
+    assert d.problems == {Problem.VANISHING}
+    assert d.findings[0].severity is Severity.WARNING  # 8.6e-4: not past 1e-6
+
+
+def test_fit_is_robust_to_one_odd_layer():
+    delta = geometric(12, 0.9)
+    delta["fc11"] *= 30  # a narrow output layer: one outlier
+    assert diagnose_rows([{"step": 0, "delta_norm": delta}]).healthy
+
+
+def test_exploding_and_the_clip_threshold_from_observed_norms():
+    delta = geometric(10, 11.3)
+    grads = {name: 2.0 + i for i, name in enumerate(delta)}  # balanced weight gradients
+    d = diagnose_rows([{"step": 0, "delta_norm": delta, "grad_norm": grads}])
+    assert d.problems == {Problem.EXPLODING}
+    f = d.findings[0]
+    assert f.evidence["per_layer_gain"] == pytest.approx(11.3)
+    assert list(f.layers) == [f"fc{i}" for i in range(10 - 3)]  # 11.3^3 > 1e3
+    clip = next(r for r in f.remedies if r.name == "clip_norm")
+    median = sorted(grads.values())[5]
+    assert clip.params["max_norm"] == pytest.approx(median * math.sqrt(10))
+
+
+def test_weight_gradients_are_the_fallback():
+    d = diagnose_rows([{"step": 0, "grad_norm": geometric(8, 0.2)}])
+    assert d.problems == {Problem.VANISHING}
+    assert d.findings[0].evidence["source"] == "grad_norm"
+
+
+def test_window_averages_geometrically():
+    rows = [{"step": s, "delta_norm": geometric(10, g)} for s, g in enumerate([0.1, 0.1, 1.0])]
+    f = diagnose_rows(rows, DiagnosisConfig(window=3)).findings[0]
+    assert f.evidence["per_layer_gain"] == pytest.approx(0.1 ** (2 / 3))
+    assert diagnose_rows(rows, DiagnosisConfig(window=1)).healthy
+
+
+def test_zero_deltas_are_vanishing_unless_dead_units_explain_them():
+    delta = {"fc0": 0.0, "fc1": 0.0, "fc2": 1e-2, "fc3": 1.0}
+    d = diagnose_rows([{"step": 0, "delta_norm": delta}])
+    assert d.problems == {Problem.VANISHING}
+    assert d.findings[0].evidence["zero_gradient_layers"] == ["fc0", "fc1"]
+    assert d.findings[0].evidence["total_gain"] == 0.0
+    row = {"step": 0, "delta_norm": delta, "activations": acts(r1=("ReLU", 1.0, 1.0))}
+    assert diagnose_rows([row]).problems == {Problem.DEAD_UNITS}
+
+
+def test_dead_units_use_the_median_over_the_window():
+    rows = [{"step": s, "activations": acts(r=("ReLU", 0.1, 0.5))} for s in range(4)]
+    rows.append({"step": 4, "activations": acts(r=("ReLU", 0.9, 0.9))})
+    assert diagnose_rows(rows).healthy  # one bad batch
+    rows = [{"step": s, "activations": acts(r=("ReLU", 0.98, 0.99))} for s in range(3)]
+    f = diagnose_rows(rows).findings[0]
+    assert f.problem is Problem.DEAD_UNITS and f.severity is Severity.CRITICAL
+    assert f.evidence["dead_fraction"] == {"r": 0.98}
+    assert any(r.name == "lower_lr" for r in f.remedies)  # seen during training
+
+
+def test_vanished_signal_is_not_dead_units():
+    entry = acts(r=("ReLU", 1.0, 1.0))
+    entry["r"].update(input_mean=0.0, input_std=0.0)
+    assert Problem.DEAD_UNITS not in diagnose_rows([{"step": 0, "activations": entry}]).problems
+
+
+def test_saturation_only_for_bounded_activations():
+    row = {"step": 0, "activations": acts(t=("Tanh", 0.0, 0.8), r=("ReLU", 0.3, 0.8))}
+    d = diagnose_rows([row])
+    assert d.problems == {Problem.SATURATION}
+    f = d.findings[0]
+    assert list(f.layers) == ["t"]
+    assert f.evidence["mean_saturated_fraction"] == pytest.approx(0.8)
+    assert "80%" in f.explanation
+    row = {"step": 0, "activations": acts(t=("Tanh", 0.0, 0.49))}
+    assert diagnose_rows([row]).healthy
+
+
+def test_nonfinite_names_origin_and_the_parameterless_module_before_it():
+    rows = [
+        {"step": 0, "grad_norm": {"a": 1.0, "b": 1.0}, "nonfinite_origin": None},
+        {"step": 1, "nonfinite_origin": {"layer": "b", "where": "forward", "step": 1}},
+        {"step": 2, "nonfinite_origin": {"layer": "a", "where": "forward", "step": 2}},
+    ]
+    context = {"forward_order": ["a", "act", "weird", "b"], "layers": ["a", "b"]}
+    d = diagnose_rows(rows, context=context, layers=["a", "b"])
+    f = d.by_problem("nonfinite")[0]
+    assert f.step == 1 and f.evidence["layer"] == "b"
+    assert f.evidence["suspects"] == ["act", "weird"]
+    assert list(f.layers) == ["act", "weird", "b"]
+    assert f.severity is Severity.CRITICAL
+    assert [r.name for r in f.remedies] == ["lower_lr", "clip_norm"]  # appeared in training
+
+
+def test_nonfinite_at_the_first_layer_points_to_the_input():
+    rows = [{"step": 0, "nonfinite_origin": {"layer": "a", "where": "forward", "step": 0}}]
+    f = diagnose_rows(rows, layers=["a", "b"]).findings[0]
+    assert "input batch" in f.explanation and f.remedies == []
+
+
+def test_nonfinite_loss_alone():
+    rows = [{"step": 0, "loss": 1.0}, {"step": 1, "loss": float("nan")}]
+    f = diagnose_rows(rows).by_problem("nonfinite")[0]
+    assert f.step == 1 and list(f.layers) == []
+
+
+def test_unstable_spike_and_sustained_rules():
+    ok = [{"step": s, "update_ratio": {"a": 0.01, "b": 0.005}} for s in range(5)]
+    assert diagnose_rows(ok).healthy
+    spike = [*ok, {"step": 5, "update_ratio": {"a": 0.01, "b": 1.5}, "lr": [0.1]}]
+    f = diagnose_rows(spike).findings[0]
+    assert f.problem is Problem.UNSTABLE_UPDATES and f.step == 5
+    assert f.evidence["rule"] == "spike" and list(f.layers) == ["b"]
+    assert f.remedies[0].params["factor"] == pytest.approx(1e-3)  # 1.5 -> 1.5e-3
+    sustained = [{"step": s, "update_ratio": {"a": r}} for s, r in enumerate([0.4, 0.5, 0.45])]
+    f = diagnose_rows(sustained).findings[0]
+    assert f.evidence["rule"] == "sustained" and f.step == 2
+    assert f.evidence["update_ratio"] == pytest.approx(0.45)
+
+
+def test_adam_first_step_alone_does_not_fire():
+    rows = [{"step": s, "update_ratio": {"a": r}} for s, r in enumerate([0.32, 0.22, 0.2, 0.17])]
+    assert diagnose_rows(rows).healthy
+
+
+def test_nan_update_ratio_counts_as_a_spike():
+    f = diagnose_rows([{"step": 0, "update_ratio": {"a": float("nan")}}]).findings[0]
+    assert f.problem is Problem.UNSTABLE_UPDATES
+
+
+def test_lr_factor():
+    assert lr_factor(0.5) == pytest.approx(0.01)
+    assert lr_factor(0.05) == pytest.approx(0.1)  # at least 10x
+    assert lr_factor(math.inf) == 0.01
+
+
+def test_diagnosis_orders_by_severity_and_keeps_profiles():
+    rows = [
+        {"step": 0, "delta_norm": geometric(10, 0.2), "grad_norm": geometric(10, 0.2),
+         "activations": acts(t=("Tanh", 0.0, 0.6))},
+    ]  # fmt: skip
+    d = diagnose_rows(rows)
+    assert [f.problem for f in d.findings] == [Problem.VANISHING, Problem.SATURATION]
+    assert d.layers == [f"fc{i}" for i in range(10)]
+    assert d.profile["delta_norm"]["fc0"] == pytest.approx(0.2**9)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="DiagnosisConfig"):
+        diagnose_rows([], config={"window": 3})
+    with pytest.raises(ValueError, match="vanishing_gain"):
+        DiagnosisConfig(vanishing_gain=2.0)
+    with pytest.raises(ValueError, match="window"):
+        DiagnosisConfig(window=0)
+    with pytest.raises(TypeError, match="rows must be mappings"):
+        diagnose_rows([[1, 2]])
+    assert diagnose_rows([]).healthy
