@@ -55,8 +55,8 @@ def register(app: typer.Typer) -> None:
         import torch
         from rich.console import Console
 
-        from gradmedic.preflight import check
         from gradmedic.cli.loading import load_target
+        from gradmedic.preflight import check
 
         with user_errors():
             loaded = load_target(target)
