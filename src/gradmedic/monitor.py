@@ -45,26 +45,28 @@ _ACTIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
 def watch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    every: int | Schedule = 1,
-    history: int = 1000,
-    deltas: bool = True,
-    updates: bool = True,
-    update_every: int = 10,
-    activations: bool = False,
-    recurrent: bool = False,
-    sink: str | os.PathLike[str] | None = None,
-    probes: Iterable[Probe] = (),
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **options: Any
 ) -> Monitor:
-    """Start monitoring ``model``'s gradient flow. Use as a context manager.
+    """Start monitoring ``model``'s gradient flow; use the result as a context manager.
+
+    Shorthand for :class:`Monitor`, whose docstring lists the options.
+    """
+    return Monitor(model, optimizer, **options)
+
+
+class Monitor:
+    """Records per-layer gradient statistics of a model during training.
+
+    Hooks only read: a monitored model's outputs and gradients are
+    bit-identical to an unmonitored one's, and an internal failure disables
+    monitoring with a warning instead of raising into the training loop.
 
     Args:
         model: The model to monitor.
         optimizer: If given, a record is taken just before each
-            ``optimizer.step()`` (after any clipping); otherwise call
-            ``monitor.step()`` after ``loss.backward()``.
+            ``optimizer.step()`` (after any clipping; for closure-based steps,
+            right after the closure); otherwise call ``monitor.step()`` after
+            ``loss.backward()``.
         every: Record one step in ``every``, or a schedule ``f(step) -> bool``.
         history: Number of recorded steps kept in memory (a ring buffer).
         deltas: Record ||dL/d(layer output)|| and max |output| per layer.
@@ -73,34 +75,9 @@ def watch(
             measurement copies the parameters once).
         activations: Record dead and saturated units of activation modules.
         recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules.
-        sink: A JSONL file that receives every record, flushed as it is written.
+        sink: A JSONL file that receives every record, flushed as it is
+            written; ``{rank}`` in the path becomes the torch.distributed rank.
         probes: Extra probes to attach.
-
-    Returns:
-        The attached :class:`Monitor`.
-    """
-    return Monitor(
-        model,
-        optimizer,
-        every=every,
-        history=history,
-        deltas=deltas,
-        updates=updates,
-        update_every=update_every,
-        activations=activations,
-        recurrent=recurrent,
-        sink=sink,
-        probes=probes,
-    )
-
-
-class Monitor:
-    """Records per-layer gradient statistics of a model during training.
-
-    See :func:`watch` for the arguments. Hooks only read: a monitored model's
-    outputs and gradients are bit-identical to an unmonitored one's, and an
-    internal failure disables monitoring with a warning instead of raising
-    into the training loop.
     """
 
     def __init__(

@@ -51,3 +51,19 @@ class MonitorSession:
         finally:
             self.monitor.close()
             self.monitor = None
+
+
+class SessionCallback:
+    """Mixin for framework callbacks that own a :class:`MonitorSession` as ``self.session``."""
+
+    session: MonitorSession
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The live monitor while training runs, else None."""
+        return self.session.monitor
+
+    @property
+    def diagnosis(self) -> Diagnosis | None:
+        """The diagnosis of the last training run, or None."""
+        return self.session.diagnosis

@@ -12,10 +12,10 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
-from gradmedic.integrations._session import MonitorSession
+from gradmedic.integrations._session import MonitorSession, SessionCallback
 
 
-class GradmedicCallback(Callback):
+class GradmedicCallback(SessionCallback, Callback):
     """Record gradient flow during ``Trainer.fit``; diagnose at the end.
 
     Args:
@@ -25,16 +25,6 @@ class GradmedicCallback(Callback):
     def __init__(self, **watch_kwargs: Any) -> None:
         super().__init__()
         self.session = MonitorSession(**watch_kwargs)
-
-    @property
-    def monitor(self) -> Any:
-        """The live monitor during fit, else None."""
-        return self.session.monitor
-
-    @property
-    def diagnosis(self) -> Any:
-        """The diagnosis of the last fit, or None."""
-        return self.session.diagnosis
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach to the module and its (first) optimizer."""

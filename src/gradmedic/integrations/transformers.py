@@ -11,10 +11,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from gradmedic.integrations._session import MonitorSession
+from gradmedic.integrations._session import MonitorSession, SessionCallback
 
 
-class GradmedicTrainerCallback(TrainerCallback):
+class GradmedicTrainerCallback(SessionCallback, TrainerCallback):
     """Record gradient flow during ``Trainer.train``; diagnose at the end.
 
     Args:
@@ -23,16 +23,6 @@ class GradmedicTrainerCallback(TrainerCallback):
 
     def __init__(self, **watch_kwargs: Any) -> None:
         self.session = MonitorSession(**watch_kwargs)
-
-    @property
-    def monitor(self) -> Any:
-        """The live monitor during training, else None."""
-        return self.session.monitor
-
-    @property
-    def diagnosis(self) -> Any:
-        """The diagnosis of the last training run, or None."""
-        return self.session.diagnosis
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
