@@ -7,15 +7,15 @@ from typing import Any
 import torch
 
 from gradmedic.layers import LayerIndex
-from gradmedic.probes._fused import (
+from gradmedic.probes.base import Probe
+from gradmedic.record import NamedVector
+from gradmedic.tensorlists import (
     abs_maxes,
     foreach_norms,
     segment_max,
     segment_sqrt_sum_sq,
     stack_on,
 )
-from gradmedic.probes.base import Probe
-from gradmedic.record import NamedVector
 
 
 class GradientProbe(Probe):
@@ -92,7 +92,7 @@ class GradientProbe(Probe):
             lookup = dict(zip(ids, norms, strict=True))
             if all(id(g) in lookup for g in grads):
                 return [lookup[id(g)] * scale for g in grads]
-        return foreach_norms(grads)
+        return foreach_norms(grads, upcast=True)
 
     def detach(self) -> None:
         """Nothing to remove."""

@@ -17,11 +17,11 @@ from gradmedic.remedies.clipping import (
     Params,
     _as_list,
     active_monitor,
-    grad_norms,
     notify,
     scale_grads_,
     total_norm,
 )
+from gradmedic.tensorlists import foreach_norms
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
 
@@ -74,7 +74,7 @@ class AutoClip:
         if not grads:
             return torch.tensor(0.0)
         with torch.no_grad():
-            norms = grad_norms(grads, 2.0, foreach, upcast=True)
+            norms = foreach_norms(grads, 2.0, foreach, upcast=True)
             total = total_norm(norms, 2.0, grads[0].device)
             self._push(total)
             threshold = torch.quantile(self.history(), self.percentile / 100.0)
@@ -180,7 +180,7 @@ class AGC:
         if not grads:
             return torch.tensor(0.0)
         with torch.no_grad():
-            norms = grad_norms(grads, 2.0, foreach, upcast=True)
+            norms = foreach_norms(grads, 2.0, foreach, upcast=True)
             total = total_norm(norms, 2.0, grads[0].device)
             after: list[torch.Tensor] = []
             clipped: list[torch.Tensor] = []
@@ -299,7 +299,7 @@ class ZClip:
         if not grads:
             return torch.tensor(0.0)
         with torch.no_grad():
-            norms = grad_norms(grads, 2.0, foreach, upcast=True)
+            norms = foreach_norms(grads, 2.0, foreach, upcast=True)
             total = total_norm(norms, 2.0, grads[0].device)
             if self.mean is None:
                 target = total

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
 from gradmedic.errors import GradmedicError
+from gradmedic.tensorlists import device_groups, foreach_norms, use_foreach
 
 if TYPE_CHECKING:  # loaded lazily by __getattr__ below (they import this module)
     from gradmedic.remedies.adaptive_clipping import AGC, AutoClip, ZClip
@@ -78,7 +78,7 @@ def clip_grad_norm_(
         if not pairs:
             return torch.tensor(0.0)
         grads = [g for _, g in pairs]
-        norms = grad_norms(grads, norm_type, foreach)
+        norms = foreach_norms(grads, norm_type, foreach)
         total = total_norm(norms, norm_type, grads[0].device)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise GradmedicError(
@@ -136,17 +136,17 @@ def clip_grad_value_(parameters: Params, clip_value: float, foreach: bool | None
             # The monitor wants the pre-clip norm and whether anything was clamped;
             # computing them costs two extra fused passes, paid only while watched.
             device = grads[0].device
-            before = total_norm(grad_norms(grads, 2.0, foreach), 2.0, device)
-            peak = total_norm(grad_norms(grads, float("inf"), foreach), float("inf"), device)
-        for device_grads, device in _groups(grads):
-            if _use_foreach(device_grads, device, foreach):
+            before = total_norm(foreach_norms(grads, 2.0, foreach), 2.0, device)
+            peak = total_norm(foreach_norms(grads, float("inf"), foreach), float("inf"), device)
+        for device_grads, device in device_groups(grads):
+            if use_foreach(device_grads, device, foreach):
                 torch._foreach_clamp_min_(device_grads, -clip_value)
                 torch._foreach_clamp_max_(device_grads, clip_value)
             else:
                 for g in device_grads:
                     g.clamp_(min=-clip_value, max=clip_value)
         if monitor is not None:
-            after = total_norm(grad_norms(grads, 2.0, foreach), 2.0, grads[0].device)
+            after = total_norm(foreach_norms(grads, 2.0, foreach), 2.0, grads[0].device)
             notify(
                 monitor,
                 grads,
@@ -164,31 +164,6 @@ def clip_grad_value_(parameters: Params, clip_value: float, foreach: bool | None
 # --- shared pieces (also used by the adaptive clippers) --------------------------------
 
 
-def grad_norms(
-    grads: list[torch.Tensor],
-    norm_type: float = 2.0,
-    foreach: bool | None = None,
-    upcast: bool = False,
-) -> list[torch.Tensor]:
-    """Per-tensor ``norm_type`` norms, in input order, exactly as torch's clipping computes them.
-
-    One ``torch._foreach_norm`` per (device, dtype) group; half-precision inputs give
-    half-precision norms, as in :func:`torch.nn.utils.get_total_norm`, unless ``upcast``
-    (then they are reduced and returned in float32).
-    """
-    out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
-    for idx, members, device in _indexed_groups(grads):
-        dtype = members[0].dtype
-        acc = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else None
-        if _use_foreach(members, device, foreach):
-            norms = torch._foreach_norm(members, norm_type, dtype=acc)
-        else:
-            norms = [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in members]
-        for i, n in zip(idx, norms, strict=True):
-            out[i] = n
-    return out
-
-
 def total_norm(norms: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
     """The p-norm of the per-tensor p-norms: the norm of all tensors as one vector."""
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
@@ -196,8 +171,8 @@ def total_norm(norms: list[torch.Tensor], norm_type: float, device: torch.device
 
 def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool | None) -> None:
     """Multiply every gradient in place by the 0-d tensor ``scale`` (no host sync)."""
-    for device_grads, device in _groups(grads):
-        if _use_foreach(device_grads, device, foreach):
+    for device_grads, device in device_groups(grads):
+        if use_foreach(device_grads, device, foreach):
             torch._foreach_mul_(device_grads, scale.to(device))
         else:
             s = scale.to(device)
@@ -253,30 +228,6 @@ def _as_list(parameters: Params, warn_empty: bool = False) -> list[torch.Tensor]
             "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
         )
     return params
-
-
-def _indexed_groups(
-    tensors: list[torch.Tensor],
-) -> list[tuple[list[int], list[torch.Tensor], torch.device]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return [([*idx], [tensors[i] for i in idx], dev) for (dev, _), idx in groups.items()]
-
-
-def _groups(tensors: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.device]]:
-    return [(members, dev) for _, members, dev in _indexed_groups(tensors)]
-
-
-def _use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
-    if foreach is None:
-        return _has_foreach_support(tensors, device)
-    if foreach and not _device_has_foreach_support(device):
-        raise RuntimeError(
-            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors; "
-            "pass foreach=None or False"
-        )
-    return bool(foreach)
 
 
 _MONITOR: list[Any] = []  # [module] once imported, [None] if gradmedic.monitor is missing
