@@ -494,3 +494,20 @@ def test_sink_rank_template(tmp_path) -> None:
         mon.step()
     header, rows = load_history(tmp_path / "run-0.jsonl")
     assert len(rows) == 1 and header["layers"] == ["<root>"]
+
+
+def test_weight_spectra_match_svd() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(300, 280), nn.ReLU(), nn.Conv1d(1, 4, 3), nn.Flatten())
+    with gradmedic.watch(model, spectra=True, update_every=2) as mon:
+        for _ in range(5):
+            model(torch.randn(2, 1, 300)).sum().backward()
+            mon.step()
+    rows = mon.history.rows()
+    assert "weight_sigma_max" in rows[0] and "weight_sigma_max" not in rows[1]
+    assert rows[0]["weight_sigma_max"]["0"] <= rows[4]["weight_sigma_max"]["0"] + 1e-6
+    want0 = torch.linalg.svdvals(model[0].weight.detach().double())[0].item()
+    want2 = torch.linalg.svdvals(model[2].weight.detach().reshape(4, -1).double())[0].item()
+    # 280 > 256: power iteration, warm-started, converging from below; 30 iterations in
+    assert rows[4]["weight_sigma_max"]["0"] == pytest.approx(want0, rel=2e-2)
+    assert rows[4]["weight_sigma_max"]["2"] == pytest.approx(want2, rel=1e-6)

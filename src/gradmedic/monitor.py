@@ -75,6 +75,8 @@ class Monitor:
             measurement copies the parameters once).
         activations: Record dead and saturated units of activation modules.
         recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules.
+        spectra: Record the largest singular value of each layer's weight, on
+            one recorded step in ``update_every``.
         sink: A JSONL file that receives every record, flushed as it is
             written; ``{rank}`` in the path becomes the torch.distributed rank.
         probes: Extra probes to attach.
@@ -92,6 +94,7 @@ class Monitor:
         update_every: int = 10,
         activations: bool = False,
         recurrent: bool = False,
+        spectra: bool = False,
         sink: str | os.PathLike[str] | None = None,
         probes: Iterable[Probe] = (),
     ) -> None:
@@ -106,6 +109,7 @@ class Monitor:
             ("updates", updates),
             ("activations", activations),
             ("recurrent", recurrent),
+            ("spectra", spectra),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
@@ -144,6 +148,10 @@ class Monitor:
             from gradmedic.probes.recurrent import RecurrentProbe
 
             self.probes.append(RecurrentProbe())
+        if spectra:
+            from gradmedic.probes.weight_spectra import WeightSpectraProbe
+
+            self.probes.append(WeightSpectraProbe(every=self.update_every))
         self.probes.extend(extra)
         if self._updates is not None:
             self.probes.append(self._updates)
