@@ -37,7 +37,7 @@ _LAZY = {
     "init": "gradmedic.remedies.init",
     "surgery": "gradmedic.remedies.surgery",
     "add_weight_decay": "gradmedic.remedies.weight_decay:add_weight_decay",
-    "repair": "gradmedic.repair:repair",
+    "repair": "gradmedic.autorepair:repair",
     "diagnose_rows": "gradmedic.diagnose:diagnose_rows",
     "load_history": "gradmedic.history:load_history",
 }
@@ -85,6 +85,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from gradmedic import theory
+    from gradmedic.autorepair import repair
     from gradmedic.diagnose import diagnose_rows
     from gradmedic.history import load_history
     from gradmedic.monitor import Monitor, watch
@@ -92,4 +93,3 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from gradmedic.remedies import init, surgery
     from gradmedic.remedies.clipping import AGC, AutoClip, ZClip, clip_grad_norm_, clip_grad_value_
     from gradmedic.remedies.weight_decay import add_weight_decay
-    from gradmedic.repair import repair

@@ -2,7 +2,7 @@
 
 Detectors build their ranked remedy lists from these, so every Finding names a
 real gradmedic call with arguments that fit the model at hand, and the repair
-search (:mod:`gradmedic.repair`) can map ``Remedy.name`` back to code.
+search (:mod:`gradmedic.autorepair`) can map ``Remedy.name`` back to code.
 """
 
 from __future__ import annotations

@@ -1,0 +1,120 @@
+"""``gradmedic fix``: search for remedies under which a training setup trains healthily.
+
+The target ``path/to/file.py:factory`` names a function taking no arguments that
+returns a :class:`gradmedic.autorepair.Setup` (or a dict with its keys:
+``model_factory`` (or ``model``), ``data``, ``loss_fn``, and optionally
+``optimizer``, ``metric``, ``batch_size``).
+
+Exit status: 0 when repaired or healthy, 1 when no candidate was accepted, 2
+when the command could not run (bad arguments, a factory that fails to load).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from gradmedic.cli.errors import user_errors
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``fix`` command to ``app``."""
+
+    @app.command("fix")
+    def fix_command(
+        target: Annotated[
+            str,
+            typer.Argument(
+                help="path/to/file.py:factory; the factory returns a gradmedic.autorepair.Setup "
+                "or a dict with model_factory, data, loss_fn (optional: optimizer, metric)."
+            ),
+        ],
+        steps: Annotated[int, typer.Option(help="Training steps per candidate.")] = 200,
+        seconds: Annotated[float, typer.Option(help="Wall-time cap per candidate.")] = 60.0,
+        total_seconds: Annotated[
+            float | None, typer.Option(help="Wall-time cap for the whole search.")
+        ] = None,
+        max_candidates: Annotated[int, typer.Option(help="Candidates to train at most.")] = 12,
+        seed: Annotated[int, typer.Option(help="Seed of every training run.")] = 0,
+        strategy: Annotated[
+            str, typer.Option(help="ranked (the diagnosis' remedies) or random (baseline).")
+        ] = "ranked",
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    ) -> None:
+        """Try the diagnosis' remedies by retraining, and print the changes that fix the setup."""
+        from rich.console import Console
+
+        from gradmedic.autorepair import Budget, Setup, repair
+        from gradmedic.cli.loading import load_factory
+
+        err = Console(stderr=True)
+        with user_errors():
+            budget = Budget(steps=steps, seconds=seconds, total_seconds=total_seconds)
+            setup = Setup.from_any(load_factory(target)())
+            with _ProgressBar(err, max_candidates, quiet=as_json) as report:
+                result = repair(
+                    setup,
+                    budget=budget,
+                    seed=seed,
+                    max_candidates=max_candidates,
+                    strategy=strategy,
+                    progress=report,
+                )
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            out = Console()
+            out.print(result.table())
+            out.print(f"[bold]{result.message}[/]", highlight=False)
+            if result.accepted is not None:
+                out.print("\nPaste into your training script:\n")
+                out.print(result.snippet, markup=False, highlight=False)
+        raise typer.Exit(code=1 if result.status == "unrepaired" else 0)
+
+
+class _ProgressBar:
+    """A transient rich progress bar fed by :class:`gradmedic.autorepair.Progress` events."""
+
+    def __init__(self, console: Any, total: int, quiet: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=quiet,
+        )
+        self.task = self.bar.add_task("training the original setup", total=total)
+
+    def __enter__(self) -> Any:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event: Any) -> None:
+        from gradmedic.autorepair.result import describe
+
+        if event.index == 0:
+            text = "training the original setup" if event.done is None else "searching"
+            self.bar.update(self.task, description=text)
+            return
+        if event.done is None:
+            self.bar.update(self.task, description=f"#{event.index}: {describe(event.remedies)}")
+        elif event.done.trained:
+            self.bar.advance(self.task)

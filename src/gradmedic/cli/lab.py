@@ -1,0 +1,123 @@
+"""``gradmedic lab``: run the lab's experiments and write the HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gradmedic.cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from gradmedic.lab.base import Experiment, Result
+
+_VERDICT_STYLE = {
+    "holds": "green",
+    "holds partly": "yellow",
+    "does not hold": "red",
+    "experiment failed": "bold magenta",
+}
+
+
+def lab(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Experiments to run (default: all).", show_default=False),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the experiments and exit.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Small sizes: the whole lab in about a minute.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("gradmedic-report"),
+    mnist: Annotated[
+        Path | None,
+        typer.Option(
+            "--mnist", help="Folder with the MNIST IDX files (default: scikit-learn digits)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of every experiment.")] = 0,
+) -> None:
+    """Reproduce every claim of the source material and write an HTML report.
+
+    Exit status: 0 when every experiment ran (whatever its verdict), 1 when an
+    experiment failed, 2 for a usage error.
+    """
+    from gradmedic.lab import data, runner
+    from gradmedic.lab.base import LabConfig, Verdict
+    from gradmedic.report.html import write_report
+
+    console = Console()
+    with user_errors():
+        chosen = runner.select(names)
+        if list_:
+            _print_list(console, chosen)
+            return
+        if mnist is not None:
+            data.mnist(mnist)  # fail now, not in the middle of the run
+        config = LabConfig(quick=quick, seed=seed, mnist_dir=None if mnist is None else str(mnist))
+        columns = (
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("starting", total=len(chosen))
+
+            def started(exp: Experiment) -> None:
+                progress.update(task, description=f"running [bold]{exp.name}[/]")
+
+            def done(result: Result) -> None:
+                v = result.verdict.value
+                style = _VERDICT_STYLE.get(v, "")
+                progress.console.print(
+                    f"  {result.name:<28} [{style}]{v}[/] ({result.seconds:.1f} s)", highlight=False
+                )
+                progress.advance(task)
+
+            results = runner.run(names, config, on_start=started, on_done=done)
+        index = write_report(results, out, config=config)
+    _print_summary(console, results)
+    console.print(
+        f"report: [bold]{index}[/]  (numbers: {index.parent / 'results.json'})", highlight=False
+    )
+    if any(r.verdict is Verdict.ERROR for r in results):
+        raise typer.Exit(code=1)
+
+
+def _print_list(console: Console, experiments: list[Experiment]) -> None:
+    table = Table(title="gradmedic lab experiments")
+    table.add_column("name")
+    table.add_column("claims")
+    table.add_column("title")
+    for exp in experiments:
+        table.add_row(exp.name, ", ".join(exp.claims), exp.title)
+    console.print(table)
+
+
+def _print_summary(console: Console, results: list[Result]) -> None:
+    table = Table(title="gradmedic lab")
+    table.add_column("experiment")
+    table.add_column("claims")
+    table.add_column("verdict")
+    table.add_column("seconds", justify="right")
+    for r in results:
+        style = _VERDICT_STYLE.get(r.verdict.value, "")
+        per = r.per_claim if len(r.claims) > 1 else {}
+        verdict = f"[{style}]{r.verdict.value}[/]" + "".join(
+            f"\n  {c}: {v.value}" for c, v in per.items()
+        )
+        table.add_row(r.name, ", ".join(r.claims), verdict, f"{r.seconds:.1f}")
+    console.print(table)
+    total = sum(r.seconds for r in results)
+    console.print(f"{len(results)} experiments in {total:.1f} s", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``lab`` to the gradmedic CLI."""
+    app.command("lab")(lab)

@@ -1,0 +1,157 @@
+"""R3: dead ReLU units get zero gradient and stay dead; Leaky ReLU gives them a way back."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradmedic.lab import data, plotting
+from gradmedic.lab.base import LabConfig, Result, experiment, judge
+from gradmedic.lab.experiments import _nets
+from gradmedic.lab.train import train
+
+NAME = "dead_relu"
+TITLE = "Dead ReLU units stay dead; Leaky ReLU lets them recover"
+WIDTH = 64
+KILLED = 32  # the first KILLED hidden units are killed
+MARGIN = 0.5
+SLOPE = 0.01
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+}
+ACTS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(SLOPE)}
+
+
+def killed_net(act: str, x: torch.Tensor, seed: int) -> nn.Sequential:
+    """``features -> 64 -> 10`` whose first ``KILLED`` hidden units are dead on every input.
+
+    Their biases are lowered so that the largest pre-activation over ``x`` is ``-MARGIN``:
+    the state a large negative bias learned by a bad step leaves behind. The weights are
+    the same for both activations (same seed).
+    """
+    torch.manual_seed(seed)
+    model = _nets.mlp([x.shape[1], WIDTH, 10], ACTS[act])
+    with torch.no_grad():
+        top = model[0](x).max(dim=0).values
+        model[0].bias[:KILLED] -= top[:KILLED] + MARGIN
+    return model
+
+
+def alive(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Per hidden unit: is its pre-activation positive for at least one input of ``x``?"""
+    with torch.no_grad():
+        return (model[0](x) > 0).any(dim=0)
+
+
+def dead_run(act: str, opt_name: str, dataset: data.Dataset, steps: int, seed: int) -> dict:
+    """Train a killed net; the killed units' first gradient, revivals, deaths, accuracy."""
+    x = dataset.x_train
+    model = killed_net(act, x, seed)
+    first: dict[str, float] = {}
+
+    def on_step(step: int) -> None:
+        if step == 0:
+            g = model[0].weight.grad
+            first["killed"] = float(g[:KILLED].abs().max())
+            first["healthy"] = float(g[KILLED:].abs().max())
+
+    healthy_before = int(alive(model, x)[KILLED:].sum())
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    curves = train(model, dataset, opt, steps=steps, batch_size=128, seed=seed, on_step=on_step)
+    after = alive(model, x)
+    return {
+        "first_grad_max_killed": first["killed"],
+        "first_grad_max_healthy": first["healthy"],
+        "revived": int(after[:KILLED].sum()),
+        "healthy_alive_before": healthy_before,
+        "healthy_alive_after": int(after[KILLED:].sum()),
+        "test_accuracy": curves.final_accuracy,
+        "loss": curves.loss,
+    }
+
+
+@experiment(NAME, ["R3"], TITLE)
+def run(config: LabConfig) -> Result:
+    steps = config.pick(150, 1000)
+    dataset = data.digits(config.seed)
+    runs = {
+        f"{act}/{opt}": dead_run(act, opt, dataset, steps, config.seed)
+        for act in ACTS
+        for opt in OPTIMIZERS
+    }
+    relu = [runs[f"relu/{o}"] for o in OPTIMIZERS]
+    leaky = {o: runs[f"leaky_relu/{o}"] for o in OPTIMIZERS}
+    half = KILLED // 2
+    checks = {
+        "ReLU: the killed units' incoming weights get exactly zero gradient": all(
+            r["first_grad_max_killed"] == 0.0 for r in relu
+        ),
+        "ReLU: no killed unit revives (SGD and Adam)": all(r["revived"] == 0 for r in relu),
+        "Leaky ReLU: the killed units get a nonzero gradient": all(
+            r["first_grad_max_killed"] > 0 for r in leaky.values()
+        ),
+        f"Leaky ReLU + SGD: at least {half} of {KILLED} killed units revive": (
+            leaky["sgd"]["revived"] >= half
+        ),
+        f"Leaky ReLU + Adam: at least {half} of {KILLED} killed units revive": (
+            leaky["adam"]["revived"] >= half
+        ),
+    }
+    verdict = judge(checks)
+
+    fig, ax = plotting.figure(1, width=5.5)
+    names = list(runs)
+    revived = [runs[n]["revived"] for n in names]
+    died = [runs[n]["healthy_alive_before"] - runs[n]["healthy_alive_after"] for n in names]
+    pos = range(len(names))
+    ax.bar([p - 0.2 for p in pos], revived, width=0.4, label="killed units revived")
+    ax.bar([p + 0.2 for p in pos], died, width=0.4, label="healthy units that died")
+    ax.set_xticks(list(pos), names)
+    plotting.label(ax, f"after {steps} steps ({KILLED} of {WIDTH} units killed)", "", "units")
+
+    return Result(
+        name=NAME,
+        claims=["R3"],
+        title=TITLE,
+        setup=(
+            f"Digits; {dataset.n_features}-{WIDTH}-10 MLP (PyTorch default init). The biases of "
+            f"{KILLED} of the {WIDTH} hidden units are lowered until their largest "
+            f"pre-activation over the training set is -{MARGIN} (dead on every input, as after "
+            f"a large negative bias was learned). The same weights with ReLU and with Leaky ReLU "
+            f"(slope {SLOPE}), each trained with SGD (lr 0.1) and with Adam (lr 0.01), batch "
+            f"128, {steps} steps. A unit is alive if its pre-activation is positive for at "
+            "least one training input."
+        ),
+        expected=(
+            "A dead ReLU gets zero gradient for all its incoming weights and never recovers; a "
+            "Leaky ReLU passes a small gradient and gives the unit a way back."
+        ),
+        numbers={
+            "steps": steps,
+            "killed": KILLED,
+            "revived": {n: r["revived"] for n, r in runs.items()},
+            "first_grad_max_killed": {n: r["first_grad_max_killed"] for n, r in runs.items()},
+            "first_grad_max_healthy": {n: r["first_grad_max_healthy"] for n, r in runs.items()},
+            "healthy_units_died": dict(zip(names, died, strict=True)),
+            "test_accuracy": {n: r["test_accuracy"] for n, r in runs.items()},
+            "checks": checks,
+        },
+        rule=(
+            "Holds if all checks in numbers.checks pass, partly if some do, does not hold if "
+            "none do."
+        ),
+        verdict=verdict,
+        explanation=(
+            f"Largest first-step gradient on a killed unit's weights: ReLU "
+            f"{relu[0]['first_grad_max_killed']:.3g}, Leaky ReLU "
+            f"{leaky['sgd']['first_grad_max_killed']:.3g} (healthy units: "
+            f"{leaky['sgd']['first_grad_max_healthy']:.3g}). Killed units revived: "
+            + ", ".join(f"{n} {r['revived']}/{KILLED}" for n, r in runs.items())
+            + ". The Leaky ReLU's way back is "
+            f"{SLOPE:g} times the gradient an active unit would get; plain SGD scales the step "
+            "by it, Adam divides it out (its step depends on the gradient's sign and history, "
+            "not its size), so whether the units come back depends on the optimizer."
+        ),
+        figures={"revived_and_died": fig},
+    )

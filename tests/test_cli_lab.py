@@ -1,0 +1,99 @@
+"""``gradmedic lab``: listing, usage errors, a subset run, and the whole quick lab (slow)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from gradmedic.cli.app import app
+from gradmedic.lab import runner as lab_runner
+from gradmedic.lab.base import EXPERIMENTS, Result, Verdict, experiment
+from gradmedic.lab.claims import CLAIMS
+
+cli = CliRunner()
+
+
+def test_list_names_every_experiment():
+    out = cli.invoke(app, ["lab", "--list"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    for name in lab_runner.registry():
+        assert name in out.output
+
+
+def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
+    out = cli.invoke(
+        app, ["lab", "no_such_thing", "--out", str(tmp_path / "r")], terminal_width=400
+    )
+    assert out.exit_code == 2
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown experiment 'no_such_thing'" in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_mnist_folder_is_a_usage_error(tmp_path):
+    out = cli.invoke(
+        app, ["lab", "rnn_power", "--mnist", str(tmp_path / "none")], terminal_width=400
+    )
+    assert out.exit_code == 2
+    assert "not a folder" in out.output
+
+
+def test_subset_run_writes_report(tmp_path):
+    out_dir = tmp_path / "rep"
+    out = cli.invoke(
+        app,
+        ["lab", "rnn_power", "--quick", "--seed", "1", "--out", str(out_dir)],
+        terminal_width=200,
+    )
+    assert out.exit_code == 0, out.output
+    assert (out_dir / "index.html").is_file()
+    payload = json.loads((out_dir / "results.json").read_text())
+    assert [r["name"] for r in payload["results"]] == ["rnn_power"]
+    assert payload["config"] == {"quick": True, "seed": 1, "mnist_dir": None}
+    assert (out_dir / payload["results"][0]["figures"]["bptt"]).is_file()
+    assert "rnn_power" in out.output and "holds" in out.output  # summary table
+
+
+def test_mnist_folder_is_used(tmp_path):
+    from test_lab_framework import _write_mnist
+
+    _write_mnist(tmp_path, n_train=40, n_test=10)
+    out_dir = tmp_path / "rep"
+    args = ["lab", "lr_divergence", "--quick", "--mnist", str(tmp_path), "--out", str(out_dir)]
+    out = cli.invoke(app, args, terminal_width=200)
+    assert out.exit_code == 0, out.output
+    payload = json.loads((out_dir / "results.json").read_text())
+    assert payload["config"]["mnist_dir"] == str(tmp_path)
+    assert payload["results"][0]["setup"].startswith("mnist:")
+
+
+def test_failed_experiment_gives_exit_1_and_is_in_the_report(tmp_path):
+    def boom(config):
+        raise RuntimeError("cli boom")
+
+    experiment("_t_cli_boom", ["K7"], "fails on purpose")(boom)
+    try:
+        out = cli.invoke(app, ["lab", "_t_cli_boom", "--out", str(tmp_path)], terminal_width=200)
+    finally:
+        EXPERIMENTS.pop("_t_cli_boom")
+    assert out.exit_code == 1
+    assert "cli boom" in (tmp_path / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_whole_quick_lab_runs_without_errors(tmp_path):
+    start = time.perf_counter()
+    out = cli.invoke(app, ["lab", "--quick", "--out", str(tmp_path)], terminal_width=200)
+    seconds = time.perf_counter() - start
+    payload = json.loads((tmp_path / "results.json").read_text())
+    errors = [r["name"] for r in payload["results"] if r["verdict"] == Verdict.ERROR.value]
+    assert errors == [], out.output
+    assert out.exit_code == 0
+    tested = {c["id"] for c in payload["claims"] if c["verdict"] != "not tested"}
+    assert tested == set(CLAIMS)
+    assert all(isinstance(Result.from_dict(r), Result) for r in payload["results"])
+    # 60 s on 2 free cores; generous here because the test machine is shared
+    assert seconds < 180

@@ -1,0 +1,90 @@
+"""End to end: the lab report opened in headless Chromium.
+
+The report carries a small script that, on load, measures every figure's
+bounding box and counts page errors into ``<div id="selfcheck">``;
+``--dump-dom`` exposes the result. Console messages (the report logs none)
+come from Chromium's stderr.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from gradmedic.lab import runner
+from gradmedic.lab.base import LabConfig
+from gradmedic.lab.claims import CLAIMS
+from gradmedic.report.html import write_report
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = next(
+    (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p),
+    None,
+)
+
+
+class _DomReader(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.selfcheck: dict[str, str] = {}
+        self.claim_rows: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = {k: v or "" for k, v in attrs}
+        if attrs.get("id") == "selfcheck":
+            self.selfcheck = attrs
+        if tag == "tr" and "data-claim" in attrs:
+            self.claim_rows.append(attrs["data-claim"])
+
+
+def _open(index, profile_dir) -> tuple[str, str]:
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile_dir}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,2000",
+        "--dump-dom",
+        index.as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, done.stderr
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)"
+)
+def test_report_renders_in_chromium(tmp_path):
+    results = runner.run(["sigmoid_chain", "rnn_power"], LabConfig(quick=True))
+    index = write_report(results, tmp_path / "report", config=LabConfig(quick=True))
+    dom, stderr = _open(index, tmp_path / "profile")
+
+    page = _DomReader()
+    page.feed(dom)
+    check = page.selfcheck
+    assert check.get("data-done") == "1", "the self-check script did not run"
+    n_figures = sum(len(r.figures) for r in results)
+    assert check["data-expected"] == str(n_figures)
+    assert check["data-count"] == str(n_figures)
+    assert check["data-figures-ok"] == str(n_figures), f"zero-size figures: {check['data-bad']}"
+    assert check["data-errors"] == "0"
+    assert check["data-claims"] == str(len(CLAIMS))
+    assert page.claim_rows == list(CLAIMS)
+
+    console = [line for line in stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
+    assert console == [], "\n".join(console)
