@@ -211,3 +211,25 @@ def test_suite_training(case):
     else:
         assert Problem.UNSTABLE_UPDATES in final.problems
         assert nan is not None and fired is not None and fired < nan
+
+
+def test_check_sees_gradient_over_time_of_recurrent_models():
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(8, 32, nonlinearity="relu", batch_first=True)
+    with torch.no_grad():
+        torch.nn.init.orthogonal_(rnn.weight_hh_l0)
+        rnn.weight_hh_l0.mul_(2.0)  # sigma_max = rho = 2: the gradient doubles each step back
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = rnn, torch.nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    d = gradmedic.check(Net(), torch.randn(4, 30, 8), torch.randn(4, 1))
+    assert d.has("exploding_in_time")
+    (finding,) = d.by_problem("exploding_in_time")
+    assert finding.evidence["spectral_radius"] == pytest.approx(2.0, rel=1e-4)
+    assert finding.evidence["per_step_gain"] > 1.2

@@ -124,6 +124,14 @@ _ACTIVATIONS = (
 )
 
 
+RECURRENT_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+def has_recurrent(model: nn.Module) -> bool:
+    """Whether ``model`` contains an nn.RNN, nn.LSTM or nn.GRU."""
+    return any(isinstance(m, RECURRENT_TYPES) for m in model.modules())
+
+
 def is_activation(module: nn.Module) -> bool:
     """Whether ``module`` is one of torch.nn's elementwise activation modules."""
     return isinstance(module, _ACTIVATIONS)

@@ -25,6 +25,7 @@ from torch import nn
 from gradmedic.context import model_context
 from gradmedic.diagnose import DiagnosisConfig, diagnose_rows
 from gradmedic.findings import Diagnosis
+from gradmedic.layers import has_recurrent
 from gradmedic.probes.deltas import first_tensor
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -73,7 +74,10 @@ def check(
         raise TypeError(f"loss_fn must be callable(output, targets), got {type(loss_fn).__name__}")
     with _preserved(model):
         model.train()
-        with _ModuleTrace(model) as trace, watch(model, activations=True, updates=False) as mon:
+        with (
+            _ModuleTrace(model) as trace,
+            watch(model, activations=True, recurrent=has_recurrent(model), updates=False) as mon,
+        ):
             output = _call(model, inputs)
             loss = _loss(output, targets, loss_fn)
             loss.backward()

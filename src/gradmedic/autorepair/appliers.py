@@ -23,9 +23,9 @@ from torch import nn
 
 from gradmedic.errors import GradmedicError
 from gradmedic.findings import Remedy
+from gradmedic.layers import RECURRENT_TYPES
 from gradmedic.remedies import catalog
 
-RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 ACTIVATIONS = ("Sigmoid", "Tanh", "ReLU", "LeakyReLU", "ELU")
 
 
@@ -178,7 +178,7 @@ _EXACT: dict[str, Applier] = {
     "clip_value": Applier(13, "clip", "loop", settings=_set(clip_value=("clip_value", float))),
     "autoclip": Applier(13, "clip", "loop", settings=_set(autoclip=("percentile", float))),
     "truncate_bptt": Applier(
-        14, "truncate", "loop", settings=_set(truncate_bptt=("steps", int)), needs=RECURRENT
+        14, "truncate", "loop", settings=_set(truncate_bptt=("steps", int)), needs=RECURRENT_TYPES
     ),
 }
 

@@ -9,7 +9,6 @@ diagnosis, and the validation loss and metric.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import time
@@ -19,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradmedic.autorepair.appliers import RECURRENT, TrainSettings, apply_model, settings_for
+from gradmedic.autorepair.appliers import TrainSettings, apply_model, settings_for
 from gradmedic.autorepair.setup import Budget, Setup, train_batches, val_batches
 from gradmedic.autorepair.truncate import truncated_bptt
 from gradmedic.findings import Diagnosis, Remedy
+from gradmedic.layers import has_recurrent
 
 
 @dataclass
@@ -96,12 +96,8 @@ def preflight(setup: Setup, remedies: Sequence[Remedy] = (), *, seed: int = 0) -
 
 
 def _probes(model: nn.Module) -> dict[str, bool]:
-    """The optional probes a run of ``model`` uses (those that are installed)."""
-    recurrent = any(isinstance(m, RECURRENT) for m in model.modules())
-    return {
-        "activations": _available("activations"),
-        "recurrent": recurrent and _available("recurrent"),
-    }
+    """The optional probes a run of ``model`` uses."""
+    return {"activations": True, "recurrent": has_recurrent(model)}
 
 
 def make_optimizer(
@@ -224,8 +220,3 @@ def train(
         settings=settings,
         losses=losses,
     )
-
-
-def _available(probe: str) -> bool:
-    """Whether the optional probe module ``gradmedic.probes.<probe>`` is installed."""
-    return importlib.util.find_spec(f"gradmedic.probes.{probe}") is not None

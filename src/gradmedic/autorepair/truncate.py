@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+from gradmedic.layers import RECURRENT_TYPES
 
 
 def _detach(hidden: Any) -> Any:
@@ -63,7 +63,7 @@ def truncated_bptt(model: nn.Module, steps: int | None) -> Iterator[nn.Module]:
         return
     if steps < 1:
         raise ValueError(f"truncate_bptt steps must be >= 1, got {steps}")
-    patched = [m for m in model.modules() if isinstance(m, RECURRENT)]
+    patched = [m for m in model.modules() if isinstance(m, RECURRENT_TYPES)]
     for module in patched:
         module.forward = _chunked(module, module.forward, steps)  # type: ignore[method-assign]
     try:

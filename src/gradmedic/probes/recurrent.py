@@ -35,11 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from gradmedic.layers import ROOT_NAME, LayerIndex
+from gradmedic.layers import RECURRENT_TYPES, ROOT_NAME, LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.spectra import RecurrentSpectra
-
-RECURRENT_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 @dataclass
