@@ -87,6 +87,9 @@ def abs_maxes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Te
 
 def stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Stack 0-d tensors into one float64 vector on ``device``."""
+    first = tensors[0]
+    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        return torch.stack(list(tensors)).to(device=device, dtype=torch.float64)  # 2 kernels
     return torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors])
 
 

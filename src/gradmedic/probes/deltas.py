@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.record import NamedVector
+from gradmedic.tensorlists import stack_on
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -55,13 +56,17 @@ class DeltaProbe(Probe):
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
         self._recording = True
-        self._sq: dict[str, list[torch.Tensor]] = {}
-        self._out_max: dict[str, torch.Tensor] = {}
-        self._backward_order: list[str] = []
+        # Per layer, in the order hooks fired: every delta norm and every (min, max) of
+        # the output this step. Reduced to one vector each at collect time, so the hooks
+        # themselves launch one reduction and no arithmetic.
+        self._norms: dict[str, list[torch.Tensor]] = {}
+        self._extrema: dict[str, list[torch.Tensor]] = {}
+        self._tensor_hooks: dict[str, Any] = {}
 
     def attach(self, index: LayerIndex) -> None:
         """Register a forward hook on every layer."""
         for layer in index:
+            self._tensor_hooks[layer.name] = self._tensor_hook(layer.name)
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer.name)))
 
     def _forward_hook(self, name: str) -> Any:
@@ -72,11 +77,9 @@ class DeltaProbe(Probe):
                 out = first_tensor(output)
                 if out is None or not out.requires_grad or out.numel() == 0:
                     return
-                lo, hi = torch.aminmax(out.detach())  # faster than an inf-norm on CPU
-                m = torch.maximum(lo.neg(), hi)
-                prev = self._out_max.get(name)
-                self._out_max[name] = m if prev is None else torch.maximum(prev, m)
-                out.register_hook(self._tensor_hook(name))
+                # aminmax reads the output once; an inf-norm is several times slower on CPU
+                self._extrema.setdefault(name, []).extend(torch.aminmax(out.detach()))
+                out.register_hook(self._tensor_hooks[name])
             except Exception as exc:  # monitoring must never break training
                 if self.on_error is not None:
                     self.on_error(self, exc)
@@ -88,13 +91,7 @@ class DeltaProbe(Probe):
             try:
                 g = grad.detach()
                 dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-                n = torch.linalg.vector_norm(g, dtype=dtype)
-                bucket = self._sq.get(name)
-                if bucket is None:
-                    self._sq[name] = [n * n]
-                    self._backward_order.append(name)
-                else:
-                    bucket.append(n * n)
+                self._norms.setdefault(name, []).append(torch.linalg.vector_norm(g, dtype=dtype))
             except Exception as exc:
                 if self.on_error is not None:
                     self.on_error(self, exc)
@@ -108,27 +105,30 @@ class DeltaProbe(Probe):
     def collect(self, step: int) -> dict[str, Any]:
         """Delta norms (input-to-output order is applied by the monitor) and output maxima."""
         out: dict[str, Any] = {}
-        if self._sq:
-            names = tuple(self._sq)
-            sq = [torch.stack(v).sum() if len(v) > 1 else v[0] for v in self._sq.values()]
-            device = sq[0].device
-            vals = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sqrt()
-            out["delta_norm"] = NamedVector(names, vals)
-            out["_backward_order"] = list(self._backward_order)
-        if self._out_max:
-            names = tuple(self._out_max)
-            first = next(iter(self._out_max.values()))
-            vals = torch.stack(
-                [v.to(device=first.device, dtype=torch.float64) for v in self._out_max.values()]
+        if self._norms:
+            names = tuple(self._norms)  # insertion order = the order deltas arrived
+            flat = [n for norms in self._norms.values() for n in norms]
+            device = flat[0].device
+            squares = stack_on(flat, device).square()
+            segments = torch.tensor(
+                [k for k, norms in enumerate(self._norms.values()) for _ in norms], device=device
             )
-            out["output_max"] = NamedVector(names, vals)
+            # Over several backward passes (accumulation) the squares add up: the norm of
+            # the delta of the whole accumulated batch.
+            total = torch.zeros(len(names), dtype=squares.dtype, device=device)
+            out["delta_norm"] = NamedVector(names, total.index_add_(0, segments, squares).sqrt())
+            out["_backward_order"] = list(names)
+        if self._extrema:
+            names = tuple(self._extrema)
+            first = next(iter(self._extrema.values()))[0]
+            maxima = [stack_on(v, first.device).abs().max() for v in self._extrema.values()]
+            out["output_max"] = NamedVector(names, torch.stack(maxima))
         return out
 
     def reset(self) -> None:
         """Forget this step's deltas."""
-        self._sq = {}
-        self._out_max = {}
-        self._backward_order = []
+        self._norms = {}
+        self._extrema = {}
 
     def detach(self) -> None:
         """Remove the forward hooks (tensor hooks die with their graphs)."""
