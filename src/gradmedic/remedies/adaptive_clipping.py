@@ -74,8 +74,7 @@ class AutoClip:
         if not grads:
             return torch.tensor(0.0)
         with torch.no_grad():
-            norms = foreach_norms(grads, 2.0, foreach, upcast=True)
-            total = total_norm(norms, 2.0, grads[0].device)
+            norms, total = _l2_norms(grads, foreach)
             self._push(total)
             threshold = torch.quantile(self.history(), self.percentile / 100.0)
             scale = torch.clamp(threshold / (total + 1e-6), max=1.0)
@@ -180,8 +179,7 @@ class AGC:
         if not grads:
             return torch.tensor(0.0)
         with torch.no_grad():
-            norms = foreach_norms(grads, 2.0, foreach, upcast=True)
-            total = total_norm(norms, 2.0, grads[0].device)
+            norms, total = _l2_norms(grads, foreach)
             after: list[torch.Tensor] = []
             clipped: list[torch.Tensor] = []
             for p, g, g_norm in zip(params, grads, norms, strict=True):
@@ -299,8 +297,7 @@ class ZClip:
         if not grads:
             return torch.tensor(0.0)
         with torch.no_grad():
-            norms = foreach_norms(grads, 2.0, foreach, upcast=True)
-            total = total_norm(norms, 2.0, grads[0].device)
+            norms, total = _l2_norms(grads, foreach)
             if self.mean is None:
                 target = total
                 self._warmup.append(total.detach().clone())
@@ -368,6 +365,14 @@ class ZClip:
         self.mean = None if state["mean"] is None else torch.as_tensor(state["mean"])
         self.var = None if state["var"] is None else torch.as_tensor(state["var"])
         self._warmup = [torch.as_tensor(t) for t in state["warmup"]]
+
+
+def _l2_norms(
+    grads: list[torch.Tensor], foreach: bool | None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-gradient L2 norms (half precision upcast) and their global norm."""
+    norms = foreach_norms(grads, 2.0, foreach, upcast=True)
+    return norms, total_norm(norms, 2.0, grads[0].device)
 
 
 def _with_grads(parameters: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
