@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,13 @@ class JsonlSink:
                 f"sink {self.path} is a directory; give a file path such as run.jsonl"
             )
         run = _count_runs(self.path)
+        if run:
+            warnings.warn(
+                f"gradmedic: {self.path} already holds {run} run(s); this run is appended "
+                f"as run {run} after its own header line (load_history(path) and "
+                "`gradmedic report` read the last run; delete the file to start afresh)",
+                stacklevel=3,
+            )
         self._fh: IO[str] | None = open(self.path, "a", encoding="utf-8")
         self.write({**header, "run": run})
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -29,12 +30,14 @@ from torch.utils.hooks import RemovableHandle
 from gradmedic.context import model_context
 from gradmedic.errors import GradmedicError
 from gradmedic.history import History, JsonlSink
+from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import LayerIndex
+from gradmedic.passes import PassWatch
 from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import DeltaProbe
 from gradmedic.probes.gradients import GradientProbe
 from gradmedic.probes.updates import UpdateProbe
-from gradmedic.record import LazyRecord
+from gradmedic.record import LazyRecord, NamedVector
 
 if TYPE_CHECKING:
     from gradmedic.findings import Diagnosis
@@ -113,6 +116,10 @@ class Monitor:
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
+        # A torch.compile wrapper: watch the module it compiles (layer names without
+        # "_orig_mod."), and keep the wrapper, whose own hooks run outside the graph.
+        outer = model
+        model = _compiled_inner(model)
         self._schedule = _as_schedule(every)
         self.update_every = _positive_int("update_every", update_every)
         self.history = History(history)
@@ -122,12 +129,17 @@ class Monitor:
         self.steps = 0  # steps seen (recorded or not)
         self.first_nonfinite: dict[str, Any] | None = None
         self.disabled = False
+        self.closed = False
+        self.skipped = 0  # iterations whose backward pass was not followed by a step
         self._recorded = 0
+        self._backward_done = False
+        self._loss_scale: torch.Tensor | None = None
+        self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
         self._loss: torch.Tensor | float | None = None
         self._clip: dict[str, Any] | None = None
         self._handles: list[RemovableHandle] = []
-        self._order_handles: list[RemovableHandle] = []
+        self._order_hooks = ModuleHooks()
         self._seen_order: list[str] = []
         self._order_fixed = False
 
@@ -166,9 +178,11 @@ class Monitor:
             probe.attach(self.index)
             probe.set_recording(self._schedule(0))
         for layer in self.index:
-            self._order_handles.append(
-                layer.module.register_forward_hook(self._order_hook(layer.name))
-            )
+            self._order_hooks.forward(layer.module, self._order_hook(layer.name))
+        layers = [layer.module for layer in self.index]
+        self._passes = PassWatch(
+            [outer, model, *layers[:1], *layers[-1:]], self._forward_started, self._backward_ended
+        )
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
@@ -187,10 +201,19 @@ class Monitor:
 
     def note_loss(self, loss: torch.Tensor | float) -> None:
         """Attach the loss to the current step's record (read without a host sync)."""
+        if self.closed:
+            return
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Record the current step (no optimizer attached): call after ``loss.backward()``."""
+        if self.closed:
+            self._warn_once(
+                "closed",
+                "gradmedic: monitor.step() after close() was ignored; the monitor records "
+                "nothing once closed (its history and diagnose() stay available)",
+            )
+            return
         if self.optimizer is not None:
             warnings.warn(
                 "gradmedic: this monitor records at optimizer.step() already; "
@@ -213,7 +236,7 @@ class Monitor:
         ``per_param_norms`` are pre-clip L2 norms of ``grads``; when the clip
         scales every gradient by ``info["scale"]`` the record reuses them.
         """
-        if self.disabled:
+        if self.disabled or self.closed:
             return
         self._clip = dict(info)
         if per_param_norms is not None and "scale" in info:
@@ -231,11 +254,17 @@ class Monitor:
         )
 
     def close(self) -> None:
-        """Remove every hook and close the sink. Safe to call twice."""
-        for h in self._handles + self._order_handles:
+        """Remove every hook and close the sink. Safe to call twice.
+
+        A closed monitor records nothing more; its history, ``diagnose()`` and
+        ``grad_norms()`` stay available.
+        """
+        self.closed = True
+        for h in self._handles:
             h.remove()
         self._handles = []
-        self._order_handles = []
+        self._order_hooks.remove()
+        self._passes.remove()
         for probe in self.probes:
             try:
                 probe.detach()
@@ -261,7 +290,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ recording
     def _recording(self) -> bool:
-        return not self.disabled and self._schedule(self.steps)
+        return not self.disabled and not self.closed and self._schedule(self.steps)
 
     def _samples_updates(self) -> bool:
         return self._updates is not None and self._recorded % self.update_every == 0
@@ -269,6 +298,7 @@ class Monitor:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         if not self._recording():
             return None
+        self._loss_scale = _grad_scaler_scale()
         closure = kwargs.get("closure", args[0] if args else None)
         if callable(closure):
             # The gradients do not exist yet: the optimizer computes them by calling the
@@ -317,11 +347,63 @@ class Monitor:
         if not self._order_fixed:
             self._fix_order()
         data: dict[str, Any] = {"step": self.steps}
-        for probe in self.probes:
+        self._gradients.loss_scale = self._loss_scale
+        for probe in list(self.probes):
             if probe is self._updates:
                 continue
-            data.update(probe.collect(self.steps))
+            if probe is self._gradients:
+                data.update(probe.collect(self.steps))
+                continue
+            try:
+                data.update(probe.collect(self.steps))
+            except Exception as exc:  # one probe's failure costs only its own statistics
+                self._probe_failed(probe, exc)
+        if self._loss_scale is not None:
+            data["loss_scale"] = self._loss_scale
+            _unscale_backward_stats(data, self._loss_scale)
+        self._note_missing(data)
         self._pending = data
+
+    def _note_missing(self, data: dict[str, Any]) -> None:
+        """Say once when a probe that is on gathered nothing although gradients exist."""
+        if "grad_norm" not in data:
+            return
+        for probe in self.probes:
+            if isinstance(probe, DeltaProbe) and "delta_norm" not in data:
+                self._warn_once(
+                    "deltas",
+                    "gradmedic: no per-layer deltas (dL/d output) or output maxima were "
+                    "recorded: the forward pass ran inside a torch.compile graph (or not "
+                    "through the monitored modules). Gradient norms, updates and the "
+                    "diagnosis from them are still recorded.",
+                )
+
+    def _forward_started(self) -> None:
+        """A forward pass begins: drop what an abandoned iteration left behind."""
+        if self._backward_done and self._pending is None:
+            try:
+                abandoned = self._gradients.changed_since_snapshot()
+            except Exception:
+                abandoned = False
+            if abandoned:
+                self._guarded(self._skip_iteration)
+
+    def _backward_ended(self) -> None:
+        self._backward_done = True
+        if self._recording():
+            self._guarded(self._gradients.snapshot)
+
+    def _skip_iteration(self) -> None:
+        """A backward pass whose gradients were cleared without an optimizer step."""
+        self.skipped += 1
+        row = {"step": self.steps, "skipped": True}
+        self.history.append(LazyRecord(row))
+        if self._sink is not None:
+            self._sink.write(row)
+        self._pending = None
+        self._loss = None
+        self._clip = None
+        self._advance()
 
     def _finish_step(self) -> None:
         data = self._pending
@@ -330,8 +412,9 @@ class Monitor:
                 data.update(self._updates.collect(self.steps))
             if self._loss is not None:
                 data["loss"] = self._loss
-            if self._clip is not None:
-                data["clip"] = self._clip
+            clip = _clip_field(self._clip, data)
+            if clip is not None:
+                data["clip"] = clip
             if self.optimizer is not None:
                 data["lr"] = [float(g["lr"]) for g in self.optimizer.param_groups]
             record = LazyRecord(data, self._finalize)
@@ -347,6 +430,12 @@ class Monitor:
         self._pending = None
         self._loss = None
         self._clip = None
+        self._advance()
+
+    def _advance(self) -> None:
+        """Reset the per-step state of every probe and move to the next step."""
+        self._backward_done = False
+        self._loss_scale = None
         for probe in self.probes:
             probe.reset()
         self.steps += 1
@@ -363,6 +452,16 @@ class Monitor:
                 row[key] = {n: vals[n] for n in order if n in vals}
         backward = row.pop("_backward_order", [])
         row.pop("_grads_finite", None)
+        clip = row.get("clip")
+        if isinstance(clip, dict) and "pre_norm" in clip and "kind" not in clip:
+            # Gradients changed between backward and step; only a real reduction is clipping.
+            pre, post = clip["pre_norm"], clip["post_norm"]
+            if math.isfinite(pre) and post < pre * (1 - 1e-6):
+                clip.update(kind="external", clipped=True)
+            else:
+                del row["clip"]  # changed (loss unscaling) but not clipped
+        elif isinstance(clip, dict) and "clipped" in clip:
+            clip["clipped"] = bool(clip["clipped"])
         row["nonfinite_origin"] = _nonfinite_origin(row, order, backward)
         return row
 
@@ -370,9 +469,7 @@ class Monitor:
         if self._seen_order:
             self.index.set_forward_order(self._seen_order)
         self._order_fixed = True
-        for h in self._order_handles:
-            h.remove()
-        self._order_handles = []
+        self._order_hooks.remove()
 
     def _order_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -391,7 +488,29 @@ class Monitor:
             self._fail(exc)
 
     def _probe_failed(self, probe: Probe, exc: BaseException) -> None:
-        self._fail(exc, where=f"probe {probe.name!r}")
+        """A probe failed: switch that probe off, keep every other statistic."""
+        if probe is self._gradients:
+            self._fail(exc, where=f"probe {probe.name!r}")
+            return
+        if probe in self.probes:
+            self.probes.remove(probe)
+        if probe is self._updates:
+            self._updates = None
+        try:
+            probe.detach()
+        except Exception:  # cleanup of a broken probe must not raise either
+            pass
+        warnings.warn(
+            f"gradmedic: probe {probe.name!r} failed ({exc!r}) and is off for the rest of "
+            "this run; every other statistic is still recorded",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _fail(self, exc: BaseException, where: str = "monitor") -> None:
         self.disabled = True
@@ -414,6 +533,69 @@ def find_monitor(params: Sequence[torch.Tensor]) -> Monitor | None:
         if not mon.disabled and mon.owns(params[:1]):
             return mon
     return None
+
+
+def _compiled_inner(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "_orig_mod", None)
+    is_wrapper = type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module)
+    return inner if is_wrapper else model  # type: ignore[return-value]
+
+
+def _grad_scaler_scale() -> torch.Tensor | None:
+    """The loss scale of the ``torch.amp.GradScaler`` calling ``optimizer.step()``, if any.
+
+    ``GradScaler.step`` unscales the gradients before it calls the optimizer,
+    but deltas and pre-clip norms were taken during the backward pass of the
+    scaled loss. The scale is copied: ``scaler.update()`` changes it in place.
+    """
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_maybe_opt_step":
+            scaler = frame.f_locals.get("self")
+            scale = getattr(scaler, "_scale", None)
+            if isinstance(scale, torch.Tensor) and getattr(scaler, "_enabled", True):
+                return scale.detach().clone().reshape(())
+            return None
+        frame = frame.f_back
+    return None
+
+
+def _unscale_backward_stats(data: dict[str, Any], scale: torch.Tensor) -> None:
+    """Divide statistics taken during the scaled backward pass by the loss scale."""
+    delta = data.get("delta_norm")
+    if isinstance(delta, NamedVector):
+        values = delta.values / scale.to(device=delta.values.device, dtype=delta.values.dtype)
+        data["delta_norm"] = NamedVector(delta.names, values)
+    for profile in data.get("recurrent", {}).values():
+        _unscale_nested(profile, scale)
+
+
+def _unscale_nested(profile: dict[str, Any], scale: torch.Tensor) -> None:
+    for key, value in profile.items():
+        if key in ("dh_norm", "dc_norm", "dh_norm_last") and isinstance(value, torch.Tensor):
+            profile[key] = value / scale.to(device=value.device, dtype=value.dtype)
+        elif key == "streams" and isinstance(value, dict):
+            for stream in value.values():
+                if isinstance(stream, dict):
+                    _unscale_nested(stream, scale)
+
+
+def _clip_field(info: dict[str, Any] | None, data: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's ``clip`` entry: what gradmedic's clipping reported, or what changed.
+
+    When the gradients changed between the backward pass and the step (any
+    clipper, or loss unscaling), both global norms are kept; finalization
+    decides from them whether anything was clipped.
+    """
+    pre = data.pop("pre_clip_global_grad_norm", None)
+    if pre is None:
+        return info
+    out = dict(info) if info is not None else {}
+    out["pre_norm"] = pre
+    out["post_norm"] = data.get("global_grad_norm")
+    return out
 
 
 def _nonfinite_origin(

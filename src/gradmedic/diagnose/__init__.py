@@ -71,6 +71,10 @@ def diagnose_rows(
             f"rows must be mappings (one record per step, see docs/architecture.md), "
             f"got a {type(bad).__name__}"
         )
+    # Iterations the optimizer skipped (a GradScaler found inf) are no problem and hold
+    # no statistics; they are counted, not diagnosed.
+    skipped = sum(1 for r in rows if r.get("skipped"))
+    rows = [r for r in rows if not r.get("skipped")]
     merged = {**config.context, **(context or {})}
     if layers is not None:
         merged["layers"] = list(layers)
@@ -85,7 +89,9 @@ def diagnose_rows(
     }
     names = list(layers) if layers is not None else _layers_of(rows)
     times = time_profiles(rows)  # {module: ||dL/dh_t|| per time step}, see diagnose/in_time.py
-    context = {"time_profile": times} if times else {}
+    context: dict[str, Any] = {"time_profile": times} if times else {}
+    if skipped:
+        context["skipped_steps"] = skipped
     return Diagnosis(findings=findings, layers=names, profile=profile, context=context)
 
 

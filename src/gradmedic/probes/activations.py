@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import LayerIndex, is_activation
 from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import first_tensor
@@ -121,7 +121,7 @@ class ActivationProbe(Probe):
     name = "activations"
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
+        self._hooks = ModuleHooks()
         self._recording = True
         self._stats: dict[str, _Stats] = {}
         self._calls: dict[str, int] = {}
@@ -133,16 +133,14 @@ class ActivationProbe(Probe):
         """Hook every activation module of ``index.model``."""
         model = index.model
         channels_first = _channels_first(model)
-        self._handles.append(model.register_forward_pre_hook(self._new_forward))
+        self._hooks.forward_pre(model, self._new_forward)
         for name, module in model.named_modules():
             if not is_activation(module):
                 continue
             self._max[name] = max_slope(module)
             if getattr(module, "inplace", False):  # the forward hook would see the output
-                self._handles.append(module.register_forward_pre_hook(self._keep_input(name)))
-            self._handles.append(
-                module.register_forward_hook(self._hook(name, name in channels_first))
-            )
+                self._hooks.forward_pre(module, self._keep_input(name))
+            self._hooks.forward(module, self._hook(name, name in channels_first))
 
     def _active(self) -> bool:
         return self._recording and torch.is_grad_enabled()
@@ -238,7 +236,5 @@ class ActivationProbe(Probe):
 
     def detach(self) -> None:
         """Remove every hook."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
         self.reset()

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.record import NamedVector
@@ -54,7 +54,7 @@ class DeltaProbe(Probe):
     name = "deltas"
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
+        self._hooks = ModuleHooks()
         self._recording = True
         # Per layer, in the order hooks fired: every delta norm and every (min, max) of
         # the output this step. Reduced to one vector each at collect time, so the hooks
@@ -67,7 +67,7 @@ class DeltaProbe(Probe):
         """Register a forward hook on every layer."""
         for layer in index:
             self._tensor_hooks[layer.name] = self._tensor_hook(layer.name)
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer.name)))
+            self._hooks.forward(layer.module, self._forward_hook(layer.name))
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -132,7 +132,5 @@ class DeltaProbe(Probe):
 
     def detach(self) -> None:
         """Remove the forward hooks (tensor hooks die with their graphs)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
         self.reset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,13 @@ class GradientProbe(Probe):
     A gradmedic clipping call made before the record hands its pre-clip norms
     over (:meth:`offer_norms`), so clipping plus monitoring reads the
     gradients once.
+
+    Pre-clip norms, whoever clips: the monitor calls :meth:`snapshot` at the
+    end of each backward pass. If nothing changed the gradients in place
+    before the record (their version counters tell), the record reuses those
+    norms; otherwise (clipping, loss unscaling) it reads the gradients again
+    and also records the snapshot as ``pre_clip_grad_norm``, divided by
+    ``loss_scale`` when a GradScaler scaled the loss.
     """
 
     name = "gradients"
@@ -36,6 +44,9 @@ class GradientProbe(Probe):
     def __init__(self) -> None:
         self.index: LayerIndex | None = None
         self._offered: tuple[list[int], list[torch.Tensor], torch.Tensor] | None = None
+        self._snapshot: _Snapshot | None = None
+        #: Set by the monitor before :meth:`collect`: the GradScaler's scale, if any.
+        self.loss_scale: torch.Tensor | None = None
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index (no hooks needed)."""
@@ -47,22 +58,66 @@ class GradientProbe(Probe):
         """Accept L2 norms already computed for ``grads``, which were then scaled by ``scale``."""
         self._offered = ([id(g) for g in grads], norms, scale)
 
+    def snapshot(self) -> None:
+        """Read the per-parameter L2 norms now (the end of a backward pass)."""
+        picked = self._picked()
+        if not picked:
+            self._snapshot = None
+            return
+        grads = [g for _, g in picked]
+        self._snapshot = _Snapshot(
+            tuple(i for i, _ in picked),
+            [id(g) for g in grads],
+            [g._version for g in grads],
+            foreach_norms(grads, upcast=True),
+        )
+
+    def changed_since_snapshot(self) -> bool:
+        """Whether a gradient was replaced, cleared or modified in place since the snapshot."""
+        snap = self._snapshot
+        if snap is None or self.index is None:
+            return False
+        params = self.index.params
+        for k in (0, -1):  # clearing, clipping and unscaling touch every gradient
+            g = params[snap.positions[k]].grad
+            if g is None or id(g) != snap.ids[k] or g._version != snap.versions[k]:
+                return True
+        return False
+
     def reset(self) -> None:
-        """Drop norms offered for the finished step."""
+        """Drop norms offered or snapshotted for the finished step."""
         self._offered = None
+        self._snapshot = None
+        self.loss_scale = None
+
+    def _picked(self) -> list[tuple[int, torch.Tensor]]:
+        if self.index is None:
+            return []
+        return [(i, p.grad) for i, p in enumerate(self.index.params) if p.grad is not None]
 
     def collect(self, step: int) -> dict[str, Any]:
         """Gradient statistics of the current ``.grad`` tensors."""
         index = self.index
-        if index is None:
-            return {}
-        picked = [(i, p.grad) for i, p in enumerate(index.params) if p.grad is not None]
-        if not picked:
+        picked = self._picked()
+        if index is None or not picked:
             return {}
         pos = [i for i, _ in picked]
         grads = [g for _, g in picked]
         device = grads[0].device
-        l2 = stack_on(self._reuse_or_compute(grads), device)
+        snap = self._snapshot
+        if snap is not None and snap.positions != tuple(pos):
+            snap = None  # gradients appeared or vanished since the backward pass
+        pre: torch.Tensor | None = None
+        # GradScaler unscales in place without bumping version counters: with a loss
+        # scale, the gradients are always read again.
+        if snap is not None and self.loss_scale is None and not self.changed_since_snapshot():
+            l2 = stack_on(snap.norms, device)
+        else:
+            l2 = stack_on(self._reuse_or_compute(grads), device)
+            if snap is not None:
+                pre = stack_on(snap.norms, device)
+                if self.loss_scale is not None:
+                    pre = pre / self.loss_scale.to(device=device, dtype=pre.dtype)
         inf = abs_maxes(grads, device)
         names, seg = index.segments(tuple(pos), device)
         layer_l2 = segment_sqrt_sum_sq(l2, seg, len(names))
@@ -83,6 +138,10 @@ class GradientProbe(Probe):
             counts.index_add_(0, seg, bad)
         out["grad_nonfinite"] = NamedVector(names, counts)
         out["_grads_finite"] = finite
+        if pre is not None:
+            pre_layer = segment_sqrt_sum_sq(pre, seg, len(names))
+            out["pre_clip_grad_norm"] = NamedVector(names, pre_layer)
+            out["pre_clip_global_grad_norm"] = pre.square().sum().sqrt()
         return out
 
     def _reuse_or_compute(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -97,3 +156,14 @@ class GradientProbe(Probe):
     def detach(self) -> None:
         """Nothing to remove."""
         self.index = None
+        self.reset()
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Per-parameter norms read at the end of a backward pass, and what they were read from."""
+
+    positions: tuple[int, ...]
+    ids: list[int]
+    versions: list[int]
+    norms: list[torch.Tensor]

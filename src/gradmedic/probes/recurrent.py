@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import RECURRENT_TYPES, ROOT_NAME, LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.spectra import RecurrentSpectra
@@ -114,7 +115,7 @@ class RecurrentProbe(Probe):
         self._modules: dict[str, nn.RNNBase] = {}
         self._spectra: dict[str, RecurrentSpectra] = {}
         self._captures: dict[str, _Capture] = {}
-        self._handles: list[Any] = []
+        self._hooks = ModuleHooks()
         self._recording = True
         self._step = 0
         self._warned: set[str] = set()
@@ -127,9 +128,7 @@ class RecurrentProbe(Probe):
                 key = name or ROOT_NAME
                 self._modules[key] = module
                 self._spectra[key] = RecurrentSpectra()
-                self._handles.append(
-                    module.register_forward_hook(self._forward_hook(key), with_kwargs=True)
-                )
+                self._hooks.forward(module, self._forward_hook(key), with_kwargs=True)
 
     def set_recording(self, recording: bool) -> None:
         """Skip capturing on steps the monitor will not record."""
@@ -161,9 +160,7 @@ class RecurrentProbe(Probe):
 
     def detach(self) -> None:
         """Remove every hook and forget captured tensors."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self._captures.clear()
         self._modules.clear()
 

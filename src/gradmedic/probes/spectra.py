@@ -67,9 +67,9 @@ def spectral_norm(
         raise ValueError(f"spectral_norm needs a 2-d matrix, got shape {tuple(w.shape)}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    w = _working(w)
+    w, all_finite, nan = _finite_part(w)
     if min(w.shape) <= exact_max:
-        return torch.linalg.svdvals(w)[0]
+        return torch.where(all_finite, torch.linalg.svdvals(w)[0], nan)
     if state is None:
         state = PowerState()
     v = state.vector
@@ -79,7 +79,7 @@ def spectral_norm(
         v = w.T @ (w @ v)
         v = v / v.norm().clamp_min(torch.finfo(w.dtype).tiny)
     state.vector = v
-    return (w @ v).norm()
+    return torch.where(all_finite, (w @ v).norm(), nan)
 
 
 def spectral_radius(w: torch.Tensor, exact_max: int = EXACT_MAX) -> torch.Tensor:
@@ -101,13 +101,25 @@ def spectral_radius(w: torch.Tensor, exact_max: int = EXACT_MAX) -> torch.Tensor
     """
     if w.dim() != 2 or w.shape[0] != w.shape[1]:
         raise ValueError(f"spectral_radius needs a square matrix, got shape {tuple(w.shape)}")
-    w = _working(w)
+    w, all_finite, nan = _finite_part(w)
     if w.shape[0] <= exact_max:
-        return torch.linalg.eigvals(w).abs().max().to(w.dtype)
+        return torch.where(all_finite, torch.linalg.eigvals(w).abs().max().to(w.dtype), nan)
     from scipy.sparse.linalg import eigs  # lazy: scipy is an optional dependency
 
     vals = eigs(w.cpu().double().numpy(), k=1, which="LM", return_eigenvectors=False)
-    return torch.tensor(abs(vals[0]), dtype=w.dtype, device=w.device)
+    return torch.where(all_finite, torch.tensor(abs(vals[0]), dtype=w.dtype, device=w.device), nan)
+
+
+def _finite_part(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` with NaN/Inf set to 0, whether it was all finite, and a NaN to report if not.
+
+    SVD and eigen-solvers raise (or crash in MKL) on non-finite input; a diverged
+    weight gets NaN as its spectrum instead, decided on the device (no host sync).
+    """
+    w = _working(w)
+    finite = torch.isfinite(w)
+    nan = torch.full((), float("nan"), dtype=w.dtype, device=w.device)
+    return torch.where(finite, w, 0.0), finite.all(), nan
 
 
 def _working(w: torch.Tensor) -> torch.Tensor:

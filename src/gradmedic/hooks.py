@@ -1,0 +1,121 @@
+"""Module hooks that stay out of the model's pickled state and out of compiled graphs.
+
+Every gradmedic forward hook is registered through a :class:`ModuleHooks`.
+Two things make them safe to leave on in real training:
+
+* **Pickling.** ``torch.save(model)``, ``pickle`` and ``copy.deepcopy`` store a
+  module's hook dicts with it, and gradmedic's hooks are closures that cannot
+  be pickled. Each hooked module gets an instance-level ``__reduce_ex__`` that
+  reduces the module exactly as its class would, minus gradmedic's hooks and
+  itself: the saved or copied model carries no gradmedic hook (and a deep
+  copy is not silently monitored by the original's monitor).
+* **torch.compile.** A hook body that Dynamo traces must not append to Python
+  lists or register tensor hooks (``fullgraph=True`` fails on such side
+  effects, and guards on probe state recompile every step). Hooks registered
+  here return at once while Dynamo is tracing; statistics that can only be
+  taken in eager mode are then missing, and the monitor says which.
+
+Example:
+    >>> import copy, pickle, torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> hooks = ModuleHooks()
+    >>> hooks.forward(layer, lambda m, i, o: None)
+    >>> len(layer._forward_hooks), len(pickle.loads(pickle.dumps(layer))._forward_hooks)
+    (1, 0)
+    >>> len(copy.deepcopy(layer)._forward_hooks)
+    0
+    >>> hooks.remove()
+    >>> len(layer._forward_hooks), "__reduce_ex__" in vars(layer)
+    (0, False)
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+_GUARD = "__reduce_ex__"
+
+
+def compiling() -> bool:
+    """Whether Dynamo is tracing the current code (hooks must not have side effects then)."""
+    return torch.compiler.is_compiling()
+
+
+class ModuleHooks:
+    """A set of forward hooks on modules, removable at once, invisible to pickling."""
+
+    def __init__(self) -> None:
+        self._handles: list[tuple[nn.Module, RemovableHandle]] = []
+
+    def forward(
+        self, module: nn.Module, hook: Callable[..., None], *, with_kwargs: bool = False
+    ) -> None:
+        """Register ``hook(module, inputs, output)`` (or with kwargs) on ``module``."""
+        self._keep(module, module.register_forward_hook(_eager(hook), with_kwargs=with_kwargs))
+
+    def forward_pre(self, module: nn.Module, hook: Callable[..., None]) -> None:
+        """Register ``hook(module, inputs)`` on ``module``."""
+        self._keep(module, module.register_forward_pre_hook(_eager(hook)))
+
+    def remove(self) -> None:
+        """Remove every hook and every pickling guard. Safe to call twice."""
+        for module, handle in self._handles:
+            handle.remove()
+            guard = vars(module).get(_GUARD)
+            if isinstance(guard, _PickleGuard):
+                guard.ids.discard(handle.id)
+                if not guard.ids:
+                    del vars(module)[_GUARD]
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def _keep(self, module: nn.Module, handle: RemovableHandle) -> None:
+        self._handles.append((module, handle))
+        guard = vars(module).get(_GUARD)
+        if not isinstance(guard, _PickleGuard):
+            # An instance attribute: pickle and copy look __reduce_ex__ up on the object.
+            guard = vars(module)[_GUARD] = _PickleGuard(module)
+        guard.ids.add(handle.id)
+
+
+def _eager(hook: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> None:
+        if compiling():
+            return None
+        hook(*args, **kwargs)
+        return None
+
+    return run
+
+
+class _PickleGuard:
+    """``module.__reduce_ex__``: reduce as the class would, leaving out gradmedic's hooks."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
+        self.ids: set[int] = set()
+
+    def __call__(self, protocol: int) -> Any:
+        module = self.module()
+        assert module is not None  # the guard lives in the module's own __dict__
+        reduced = type(module).__reduce_ex__(module, protocol)
+        if not (isinstance(reduced, tuple) and len(reduced) >= 3 and isinstance(reduced[2], dict)):
+            return reduced
+        state = dict(reduced[2])
+        state.pop(_GUARD, None)
+        for key, value in state.items():
+            if key.startswith(("_forward", "_backward")) and isinstance(value, dict):
+                cleaned = type(value)((k, v) for k, v in value.items() if k not in self.ids)
+                if len(cleaned) != len(value):
+                    state[key] = cleaned
+        return (reduced[0], reduced[1], state, *reduced[3:])

@@ -1,0 +1,74 @@
+"""Where a training iteration is: the start of a forward pass, the end of a backward pass.
+
+The optimizer's step hooks tell the monitor when an update happens. Two more
+moments matter in real training, and this module reports them:
+
+* **the end of each backward pass** (an autograd engine callback queued from
+  a tensor hook on the model's output): the gradients exist, before any
+  clipping or loss unscaling touches them, so pre-clip norms can be read;
+* **the start of each forward pass of the model**: if a backward pass ended
+  since the last update and its gradients were then changed or cleared
+  without an optimizer step (``GradScaler`` found inf and skipped the step,
+  or the loop discarded the batch), that iteration was abandoned, and what
+  the probes gathered for it must not leak into the next record.
+
+Both hooks do nothing while Dynamo traces the model (see :mod:`gradmedic.hooks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradmedic.hooks import ModuleHooks
+from gradmedic.probes.deltas import first_tensor
+
+
+class PassWatch:
+    """Calls ``on_forward()`` when ``model`` starts a forward, ``on_backward_end()`` after backward.
+
+    ``modules`` are the model itself and a few of its layers: frameworks such
+    as Lightning never call the model's own ``forward`` (``training_step``
+    calls its submodules), so the input-side and output-side layers stand in.
+    The backward callback fires once per backward pass that reaches the
+    output (first tensor that requires grad) of any of them.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        on_forward: Callable[[], None],
+        on_backward_end: Callable[[], None],
+    ) -> None:
+        self._on_forward = on_forward
+        self._on_backward_end = on_backward_end
+        self._queued = False
+        self._hooks = ModuleHooks()
+        for module in {id(m): m for m in modules}.values():
+            self._hooks.forward_pre(module, self._forward_started)
+            self._hooks.forward(module, self._forward_done)
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        self._hooks.remove()
+
+    def _forward_started(self, module: nn.Module, inputs: Any) -> None:
+        if torch.is_grad_enabled():
+            self._on_forward()
+
+    def _forward_done(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        out = first_tensor(output)
+        if out is not None and out.requires_grad and torch.is_grad_enabled():
+            out.register_hook(self._backward_reached)
+
+    def _backward_reached(self, grad: torch.Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+
+    def _backward_ended(self) -> None:
+        self._queued = False
+        self._on_backward_end()
