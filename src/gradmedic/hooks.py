@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -88,11 +89,23 @@ class ModuleHooks:
 
 
 def _eager(hook: Callable[..., None]) -> Callable[..., None]:
+    failed = False
+
     @functools.wraps(hook)
     def run(*args: Any, **kwargs: Any) -> None:
-        if compiling():
+        nonlocal failed
+        if compiling() or failed:
             return None
-        hook(*args, **kwargs)
+        try:
+            hook(*args, **kwargs)
+        except Exception as exc:  # a monitoring hook must never break the forward pass
+            failed = True
+            warnings.warn(
+                f"gradmedic: hook {getattr(hook, '__qualname__', hook)!r} failed ({exc!r}) "
+                "and is off for the rest of this run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return None
 
     return run

@@ -32,6 +32,7 @@ from gradmedic.errors import GradmedicError
 from gradmedic.history import History, JsonlSink
 from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import LayerIndex
+from gradmedic.optimizer_facts import optimizer_facts
 from gradmedic.passes import PassWatch
 from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import DeltaProbe
@@ -181,7 +182,11 @@ class Monitor:
             self._order_hooks.forward(layer.module, self._order_hook(layer.name))
         layers = [layer.module for layer in self.index]
         self._passes = PassWatch(
-            [outer, model, *layers[:1], *layers[-1:]], self._forward_started, self._backward_ended
+            [outer, model, *layers[:1], *layers[-1:]],
+            self._forward_started,
+            self._backward_ended,
+            roots=[outer, model],
+            on_output=self._model_output,
         )
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -246,12 +251,23 @@ class Monitor:
         """Run every detector on the recorded history."""
         from gradmedic.diagnose import diagnose_rows
 
-        return diagnose_rows(
-            self.history.rows(),
-            config,
-            layers=self.layers,
-            context=model_context(self.model, self.layers),
-        )
+        context = model_context(self.model, self.layers)
+        context["optimizer"] = optimizer_facts(self.optimizer)
+        context["monitor"] = self.coverage()
+        return diagnose_rows(self.history.rows(), config, layers=self.layers, context=context)
+
+    def coverage(self) -> dict[str, Any]:
+        """What this monitor measured: steps seen and recorded, probes on, what is off and why."""
+        return {
+            "steps_seen": self.steps,
+            "records": self.history.total,
+            "skipped_steps": self.skipped,
+            "probes": [p.name for p in self.probes],
+            "disabled": self.disabled,
+            "closed": self.closed,
+            "optimizer": self.optimizer is not None,
+            "warnings": sorted(self._warned),
+        }
 
     def close(self) -> None:
         """Remove every hook and close the sink. Safe to call twice.
@@ -299,14 +315,15 @@ class Monitor:
         if not self._recording():
             return None
         self._loss_scale = _grad_scaler_scale()
-        closure = kwargs.get("closure", args[0] if args else None)
+        # torch passes the step's own arguments with the optimizer first: (self, closure?).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if callable(closure):
             # The gradients do not exist yet: the optimizer computes them by calling the
             # closure (LBFGS, Lightning). Record right after its first call instead.
             wrapped = self._after_closure(closure)
             if "closure" in kwargs:
                 return args, {**kwargs, "closure": wrapped}
-            return (wrapped, *args[1:]), kwargs
+            return (args[0], wrapped, *args[2:]), kwargs
         self._grads_ready()
         return None
 
@@ -318,6 +335,8 @@ class Monitor:
             result = closure()
             if not done:
                 done = True
+                if self._loss is None and _is_scalar_loss(result):
+                    self.note_loss(result)
                 self._grads_ready()
             return result
 
@@ -387,6 +406,12 @@ class Monitor:
                 abandoned = False
             if abandoned:
                 self._guarded(self._skip_iteration)
+
+    def _model_output(self, output: Any) -> None:
+        """A forward of the whole model returned: keep its loss (HF models return one)."""
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if _is_scalar_loss(loss) and not self.closed:
+            self._loss = loss.detach()
 
     def _backward_ended(self) -> None:
         self._backward_done = True
@@ -533,6 +558,12 @@ def find_monitor(params: Sequence[torch.Tensor]) -> Monitor | None:
         if not mon.disabled and mon.owns(params[:1]):
             return mon
     return None
+
+
+def _is_scalar_loss(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, float) and not isinstance(value, bool)
 
 
 def _compiled_inner(model: nn.Module) -> nn.Module:

@@ -30,7 +30,8 @@ from gradmedic.probes.deltas import first_tensor
 class PassWatch:
     """Calls ``on_forward()`` when ``model`` starts a forward, ``on_backward_end()`` after backward.
 
-    ``modules`` are the model itself and a few of its layers: frameworks such
+    ``on_output(output)`` sees each output of the ``roots`` (the model, or its
+    compiled wrapper). ``modules`` are the model itself and a few of its layers: frameworks such
     as Lightning never call the model's own ``forward`` (``training_step``
     calls its submodules), so the input-side and output-side layers stand in.
     The backward callback fires once per backward pass that reaches the
@@ -42,9 +43,13 @@ class PassWatch:
         modules: Sequence[nn.Module],
         on_forward: Callable[[], None],
         on_backward_end: Callable[[], None],
+        roots: Sequence[nn.Module] = (),
+        on_output: Callable[[Any], None] | None = None,
     ) -> None:
         self._on_forward = on_forward
         self._on_backward_end = on_backward_end
+        self._on_output = on_output
+        self._roots = {id(m) for m in roots}
         self._queued = False
         self._hooks = ModuleHooks()
         for module in {id(m): m for m in modules}.values():
@@ -60,6 +65,8 @@ class PassWatch:
             self._on_forward()
 
     def _forward_done(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._on_output is not None and id(module) in self._roots:
+            self._on_output(output)
         out = first_tensor(output)
         if out is not None and out.requires_grad and torch.is_grad_enabled():
             out.register_hook(self._backward_reached)
