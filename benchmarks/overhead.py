@@ -1,6 +1,7 @@
 """Step-time overhead of gradmedic's monitoring, side by side with alternatives.
 
 Run:  python benchmarks/overhead.py [--rounds 15] [--steps 10] [--threads 1] [--clock cpu]
+      [--models mlp transformer thin]
 
 Every configuration trains the same model on the same batch. Configurations
 are interleaved round by round (so machine drift hits all alike) and each
@@ -12,7 +13,9 @@ between identical runs, CPU time much less (``--clock wall`` for wall time).
 Configurations:
   bare              forward + backward + SGD step
   gm_norms          watch(deltas=False, updates=False): per-layer gradient norms every step
-  gm_full           gradmedic.watch(): + deltas every step, update ratios every 10th step
+  gm_default        gradmedic.watch(): + deltas every step, update ratios every 10th step,
+                    activations and recurrent sampled one step in 20 (the defaults)
+  gm_every_step     watch(activations=True, recurrent=True, update_every=1): everything, every step
   torch_clip        torch.nn.utils.clip_grad_norm_ alone (the floor: one read of every gradient)
   foreach_norm      torch._foreach_norm over all gradients (the floor, without the scaling)
   wandb_watch       wandb.watch(model, log="gradients", log_freq=1), offline (if wandb is installed)
@@ -40,6 +43,14 @@ def mlp() -> tuple[nn.Module, torch.Tensor]:
         layers += [nn.Linear(512, 512), nn.ReLU()]
     layers.append(nn.Linear(512, 10))
     return nn.Sequential(*layers), torch.randn(128, 512)
+
+
+def thin() -> tuple[nn.Module, torch.Tensor]:
+    """1000 layers: 500 x (Linear(32, 32), ReLU), where per-layer Python costs show."""
+    layers: list[nn.Module] = []
+    for _ in range(500):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    return nn.Sequential(*layers), torch.randn(64, 32)
 
 
 def transformer() -> tuple[nn.Module, torch.Tensor]:
@@ -135,6 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
+    ap.add_argument("--models", nargs="+", default=["mlp", "transformer", "thin"])
     args = ap.parse_args()
     global clock
     clock = CLOCK[args.clock]
@@ -143,7 +155,8 @@ def main() -> None:
     configs = {
         "bare": nothing,
         "gm_norms": lambda m, o: gm(m, o, deltas=False, updates=False),
-        "gm_full": lambda m, o: gm(m, o),
+        "gm_default": lambda m, o: gm(m, o),
+        "gm_every_step": lambda m, o: gm(m, o, activations=True, recurrent=True, update_every=1),
         "torch_clip": torch_clip,
         "foreach_norm": foreach_norm,
     }
@@ -157,22 +170,20 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
         f"gradmedic {gradmedic.__version__}"
     )
+    models = {
+        "mlp": ("20-layer ReLU MLP, width 512, batch 128", mlp),
+        "transformer": ("4-layer transformer encoder, d=256, batch 16 x 64 tokens", transformer),
+        "thin": ("1000-layer thin net, 500 x (Linear(32) + ReLU), batch 64", thin),
+    }
     results = {
-        "mlp": bench(
-            "20-layer ReLU MLP, width 512, batch 128", mlp, configs, args.rounds, args.steps
-        ),
-        "transformer": bench(
-            "4-layer transformer encoder, d=256, batch 16 x 64 tokens",
-            transformer,
-            configs,
-            args.rounds,
-            args.steps,
-        ),
+        key: bench(title, build, configs, args.rounds, args.steps)
+        for key, (title, build) in models.items()
+        if key in args.models
     }
     if "wandb_watch" in configs:
         print("\nOverhead (ratio - 1) of wandb.watch divided by gradmedic's:")
         for name, r in results.items():
-            for key in ("gm_norms", "gm_full"):
+            for key in ("gm_norms", "gm_default"):
                 ours = r[key] - 1
                 if ours < 0.01:  # below the noise of this measurement
                     print(f"  {name:<12} {key:<9} gradmedic's overhead is within noise (<1%)")

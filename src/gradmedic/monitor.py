@@ -31,7 +31,7 @@ from gradmedic.context import model_context
 from gradmedic.errors import GradmedicError
 from gradmedic.history import History, JsonlSink
 from gradmedic.hooks import ModuleHooks
-from gradmedic.layers import LayerIndex
+from gradmedic.layers import RECURRENT_TYPES, LayerIndex, is_activation
 from gradmedic.optimizer_facts import optimizer_facts
 from gradmedic.passes import PassWatch
 from gradmedic.probes.base import Probe
@@ -41,9 +41,15 @@ from gradmedic.probes.updates import UpdateProbe
 from gradmedic.record import LazyRecord, NamedVector
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from gradmedic.findings import Diagnosis
 
 Schedule = Callable[[int], bool]
+
+#: Default sampling of the costly probes, one step in this many (the first included):
+#: with it, watch() checks every problem gradmedic knows at a few percent of a step.
+DEFAULT_SAMPLING = {"activations": 20, "recurrent": 20}
 
 _ACTIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
@@ -77,10 +83,13 @@ class Monitor:
         updates: Record parameter norms and update ratios ||dw|| / ||w||.
         update_every: Measure updates on one recorded step in this many (a
             measurement copies the parameters once).
-        activations: Record dead and saturated units of activation modules.
-        recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules.
+        activations: Record dead and saturated units of activation modules:
+            an int ``n`` samples one step in ``n`` (the first one included),
+            True every recorded step, False never.
+        recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules,
+            on one step in ``n`` (True: every recorded step, False: never).
         spectra: Record the largest singular value of each layer's weight, on
-            one recorded step in ``update_every``.
+            one recorded step in ``update_every`` (True) or in ``n``.
         sink: A JSONL file that receives every record, flushed as it is
             written; ``{rank}`` in the path becomes the torch.distributed rank.
         probes: Extra probes to attach.
@@ -96,9 +105,9 @@ class Monitor:
         deltas: bool = True,
         updates: bool = True,
         update_every: int = 10,
-        activations: bool = False,
-        recurrent: bool = False,
-        spectra: bool = False,
+        activations: bool | int = DEFAULT_SAMPLING["activations"],
+        recurrent: bool | int = DEFAULT_SAMPLING["recurrent"],
+        spectra: bool | int = False,
         sink: str | os.PathLike[str] | None = None,
         probes: Iterable[Probe] = (),
     ) -> None:
@@ -108,21 +117,20 @@ class Monitor:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
-        for flag, value in (
-            ("deltas", deltas),
-            ("updates", updates),
-            ("activations", activations),
-            ("recurrent", recurrent),
-            ("spectra", spectra),
-        ):
+        for flag, value in (("deltas", deltas), ("updates", updates)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
+        act_every = _sampling("activations", activations)
+        rec_every = _sampling("recurrent", recurrent)
+        spec_every = _sampling("spectra", spectra)
         # A torch.compile wrapper: watch the module it compiles (layer names without
         # "_orig_mod."), and keep the wrapper, whose own hooks run outside the graph.
         outer = model
         model = _compiled_inner(model)
         self._schedule = _as_schedule(every)
         self.update_every = _positive_int("update_every", update_every)
+        if spectra is True:
+            spec_every = self.update_every
         self.history = History(history)
         self.model = model
         self.optimizer = optimizer
@@ -153,18 +161,18 @@ class Monitor:
         self.probes: list[Probe] = [self._gradients]
         if deltas:
             self.probes.append(DeltaProbe())
-        if activations:
+        if act_every and any(is_activation(m) for m in model.modules()):
             from gradmedic.probes.activations import ActivationProbe
 
-            self.probes.append(ActivationProbe())
-        if recurrent:
+            self.probes.append(ActivationProbe(every=act_every))
+        if rec_every and any(isinstance(m, RECURRENT_TYPES) for m in model.modules()):
             from gradmedic.probes.recurrent import RecurrentProbe
 
-            self.probes.append(RecurrentProbe())
-        if spectra:
+            self.probes.append(RecurrentProbe(every=rec_every))
+        if spec_every:
             from gradmedic.probes.weight_spectra import WeightSpectraProbe
 
-            self.probes.append(WeightSpectraProbe(every=self.update_every))
+            self.probes.append(WeightSpectraProbe(every=spec_every))
         self.probes.extend(extra)
         if self._updates is not None:
             self.probes.append(self._updates)
@@ -411,7 +419,7 @@ class Monitor:
         """A forward of the whole model returned: keep its loss (HF models return one)."""
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if _is_scalar_loss(loss) and not self.closed:
-            self._loss = loss.detach()
+            self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
 
     def _backward_ended(self) -> None:
         self._backward_done = True
@@ -579,7 +587,7 @@ def _grad_scaler_scale() -> torch.Tensor | None:
     but deltas and pre-clip norms were taken during the backward pass of the
     scaled loss. The scale is copied: ``scaler.update()`` changes it in place.
     """
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return None
@@ -646,6 +654,15 @@ def _nonfinite_origin(
         if name in grads and not math.isfinite(grads[name]):
             return {"layer": name, "where": "gradient", "step": step}
     return None
+
+
+def _sampling(name: str, value: bool | int) -> int:
+    """0 (off), or sample one step in this many (True: 1)."""
+    if value is True:
+        return 1
+    if value is False:
+        return 0
+    return _positive_int(name, value)
 
 
 def _as_schedule(every: int | Schedule) -> Schedule:

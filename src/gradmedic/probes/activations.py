@@ -120,7 +120,11 @@ class ActivationProbe(Probe):
 
     name = "activations"
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.every = every
+        self._step = 0
         self._hooks = ModuleHooks()
         self._recording = True
         self._stats: dict[str, _Stats] = {}
@@ -143,7 +147,7 @@ class ActivationProbe(Probe):
             self._hooks.forward(module, self._hook(name, name in channels_first))
 
     def _active(self) -> bool:
-        return self._recording and torch.is_grad_enabled()
+        return self._recording and self._step % self.every == 0 and torch.is_grad_enabled()
 
     def _new_forward(self, module: nn.Module, inputs: Any) -> None:
         self._calls = {}
@@ -211,6 +215,7 @@ class ActivationProbe(Probe):
 
     def collect(self, step: int) -> dict[str, Any]:
         """The step's statistics per activation module (tensors stay on device)."""
+        self._step = step
         if not self._stats:
             return {}
         out: dict[str, Any] = {}
@@ -229,7 +234,8 @@ class ActivationProbe(Probe):
         return {"activations": out}
 
     def reset(self) -> None:
-        """Forget this step's statistics."""
+        """Forget this step's statistics; the next step may be sampled."""
+        self._step += 1
         self._stats = {}
         self._calls = {}
         self._inputs = {}
