@@ -9,7 +9,6 @@ come from Chromium's stderr.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 
@@ -20,12 +19,8 @@ from gradmedic.lab.base import LabConfig
 from gradmedic.lab.claims import CLAIMS
 from gradmedic.report.html import write_report
 
+# Browser-marked tests skip without Chromium, except under CI=true where they fail (conftest).
 pytestmark = pytest.mark.browser
-
-CHROMIUM = next(
-    (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p),
-    None,
-)
 
 
 class _DomReader(HTMLParser):
@@ -42,9 +37,9 @@ class _DomReader(HTMLParser):
             self.claim_rows.append(attrs["data-claim"])
 
 
-def _open(index, profile_dir) -> tuple[str, str]:
+def _open(chromium, index, profile_dir) -> tuple[str, str]:
     cmd = [
-        CHROMIUM,
+        chromium,
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -66,13 +61,10 @@ def _open(index, profile_dir) -> tuple[str, str]:
     return done.stdout, done.stderr
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)"
-)
-def test_report_renders_in_chromium(tmp_path):
+def test_report_renders_in_chromium(chromium, tmp_path):
     results = runner.run(["sigmoid_chain", "rnn_power"], LabConfig(quick=True))
     index = write_report(results, tmp_path / "report", config=LabConfig(quick=True))
-    dom, stderr = _open(index, tmp_path / "profile")
+    dom, stderr = _open(chromium, index, tmp_path / "profile")
 
     page = _DomReader()
     page.feed(dom)

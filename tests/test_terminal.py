@@ -65,3 +65,26 @@ def test_rich_protocol_and_json():
     data = json.loads(d.to_json())
     assert data["findings"][0]["problem"] == "nonfinite"
     assert data["healthy"] is False
+
+
+def test_nothing_recorded_is_not_shown_as_healthy():
+    out = text(diagnose_rows([]))
+    assert "healthy" not in out.replace("not healthy", "")
+    assert "nothing diagnosed" in out and "monitor.step()" in out
+
+
+def test_chain_coverage_and_episode_are_shown():
+    nan = float("nan")
+    rows = [
+        {"step": s, "delta_norm": {f"fc{i}": 1.0 for i in range(6)}, "global_grad_norm": 1.0}
+        for s in range(3)
+    ]
+    rows.append({"step": 3, "delta_norm": {f"fc{i}": 30.0 ** (5 - i) for i in range(6)},
+                 "global_grad_norm": 1e6})  # fmt: skip
+    rows.append({"step": 4, "global_grad_norm": nan,
+                 "nonfinite_origin": {"layer": "fc0", "where": "forward", "step": 4}})  # fmt: skip
+    out = text(diagnose_rows(rows))
+    assert "root cause first: exploding (step 3) -> nonfinite (step 4)" in out
+    assert "coverage: 5 record(s), steps 0-4" in out
+    assert "not checked: dead_units" in out
+    assert "nonfinite [critical] from step 4 (after exploding)" in out

@@ -25,6 +25,7 @@ class Problem(str, Enum):
     VANISHING_IN_TIME = "vanishing_in_time"
     EXPLODING_IN_TIME = "exploding_in_time"
     UNSTABLE_UPDATES = "unstable_updates"
+    DIVERGENCE = "divergence"
 
     def __str__(self) -> str:
         return self.value
@@ -74,6 +75,100 @@ class Remedy:
 
 
 @dataclass(frozen=True)
+class Episode:
+    """When a problem held during the recorded run (docs/diagnosis.md, "Episodes").
+
+    Attributes:
+        onset: Step of the first record where the problem held.
+        peak: Step of the record where it was most extreme.
+        peak_value: The detector's measure at ``peak`` (named by ``measure``).
+        last: Step of the last record where it held.
+        recovery: Step of the first measured record after ``last`` where it no
+            longer held; None when it still held at the last measured record.
+        records: How many measured records it held on.
+        measure: What ``peak_value`` is, e.g. ``"total_gain"`` or ``"loss_ratio"``.
+    """
+
+    onset: int | None
+    peak: int | None
+    peak_value: float | None
+    last: int | None
+    recovery: int | None = None
+    records: int = 1
+    measure: str = ""
+
+    @property
+    def recovered(self) -> bool:
+        """Whether the problem stopped before the end of the record."""
+        return self.recovery is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for JSON."""
+        return _plain(
+            {
+                "onset": self.onset,
+                "peak": self.peak,
+                "peak_value": self.peak_value,
+                "last": self.last,
+                "recovery": self.recovery,
+                "records": self.records,
+                "measure": self.measure,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One problem of a root-cause chain: which, from which step, where."""
+
+    problem: Problem
+    step: int | None
+    layers: Sequence[str] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for JSON."""
+        return {"problem": self.problem.value, "step": self.step, "layers": list(self.layers)}
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the diagnosis had to go on.
+
+    Attributes:
+        steps: Records diagnosed (skipped iterations excluded).
+        first_step: Step of the first record (None without records).
+        last_step: Step of the last record.
+        skipped: Iterations the optimizer skipped (a GradScaler found inf/NaN).
+        keys: Record key -> how many records hold it (docs/architecture.md).
+        not_checked: Problem -> why it was not checked (a record key missing).
+        notes: What the detectors set aside, and why (e.g. zero-initialized layers).
+        checked: The problems whose evidence was recorded (None: unknown).
+    """
+
+    steps: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    skipped: int = 0
+    keys: Mapping[str, int] = field(default_factory=dict)
+    not_checked: Mapping[str, str] = field(default_factory=dict)
+    notes: Sequence[str] = ()
+    checked: Sequence[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for JSON."""
+        return {
+            "checked": list(self.checked) if self.checked is not None else None,
+            "steps": self.steps,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+            "skipped": self.skipped,
+            "keys": dict(self.keys),
+            "not_checked": dict(self.not_checked),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
 class Finding:
     """A named problem with its evidence, explanation and ranked remedies.
 
@@ -86,6 +181,10 @@ class Finding:
         explanation: The chain-rule reason, with the measured numbers.
         remedies: Ranked cures, best first.
         step: The training step the evidence comes from (None for a preflight).
+        episode: When the problem held over the run: onset, peak, recovery
+            (None for findings not made from recorded rows).
+        cause: The problem this one is a consequence of (the root of the
+            diagnosis' chain), or None.
     """
 
     problem: Problem
@@ -95,6 +194,8 @@ class Finding:
     explanation: str
     remedies: Sequence[Remedy] = ()
     step: int | None = None
+    episode: Episode | None = None
+    cause: Problem | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for JSON."""
@@ -106,6 +207,8 @@ class Finding:
             "explanation": self.explanation,
             "remedies": [r.to_dict() for r in self.remedies],
             "step": self.step,
+            "episode": self.episode.to_dict() if self.episode is not None else None,
+            "cause": self.cause.value if self.cause is not None else None,
         }
 
 
@@ -119,17 +222,52 @@ class Diagnosis:
         profile: Per-layer numbers for the terminal/HTML bar view, e.g.
             ``{"grad_norm": {layer: float}, "delta_norm": {...}}``.
         context: Extra data (theory prediction, time profile, ...).
+        coverage: What was recorded and what could not be checked (None when
+            the diagnosis was not made from recorded rows).
+        chain: The root-cause chain, first cause first (empty when no problem
+            led to another).
+        suggested: The numbers the remedies use (clip threshold, learning-rate
+            factor) with their derivation, one rule for the whole diagnosis.
+        warnings: Sentences about the diagnosis itself (e.g. nothing recorded).
     """
 
     findings: list[Finding] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     profile: dict[str, dict[str, float]] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
+    coverage: Coverage | None = None
+    chain: list[ChainLink] = field(default_factory=list)
+    suggested: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``"healthy"``, ``"findings"``, or why nothing could be diagnosed.
+
+        ``"no_records"``: no step was recorded; ``"nothing_checked"``: records
+        exist but none holds what any detector reads. Neither is healthy.
+        """
+        if self.findings:
+            return "findings"
+        cov = self.coverage
+        if cov is not None:
+            if cov.steps == 0:
+                return "no_records"
+            if cov.checked is not None and not cov.checked:
+                return "nothing_checked"
+        return "healthy"
 
     @property
     def healthy(self) -> bool:
-        """True when nothing was found."""
-        return not self.findings
+        """True when records were diagnosed and nothing was found."""
+        return self.status == "healthy"
+
+    @property
+    def root_cause(self) -> Finding | None:
+        """The finding at the head of the chain (None without a chain)."""
+        if not self.chain:
+            return None
+        return next((f for f in self.findings if f.problem == self.chain[0].problem), None)
 
     @property
     def problems(self) -> set[Problem]:
@@ -149,10 +287,15 @@ class Diagnosis:
         """Plain-data form for JSON."""
         return {
             "healthy": self.healthy,
+            "status": self.status,
             "findings": [f.to_dict() for f in self.findings],
             "layers": list(self.layers),
             "profile": _plain(self.profile),
             "context": _plain(self.context),
+            "coverage": self.coverage.to_dict() if self.coverage is not None else None,
+            "chain": [link.to_dict() for link in self.chain],
+            "suggested": _plain(self.suggested),
+            "warnings": list(self.warnings),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -104,22 +104,33 @@ def load_history(path: str | os.PathLike[str], run: int = -1) -> tuple[dict[str,
     if not p.is_file():
         raise GradmedicError(f"no history file at {p}; pass the path given to watch(sink=...)")
     runs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                if fh.readline():  # a bad line in the middle is corruption, not a crash
-                    raise GradmedicError(f"{p}:{lineno} is not valid JSON") from None
-                break
-            if "gradmedic" in obj:
-                runs.append((obj, []))
-            elif runs:
-                runs[-1][1].append(obj)
-            else:
-                raise GradmedicError(f"{p} does not start with a gradmedic header line")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    if fh.readline():  # a bad line in the middle is corruption, not a crash
+                        raise GradmedicError(f"{p}:{lineno} is not valid JSON") from None
+                    break
+                if not isinstance(obj, dict):
+                    raise GradmedicError(
+                        f"{p}:{lineno} is not a gradmedic record (a JSON object); "
+                        "pass the JSONL file written by watch(sink=...)"
+                    )
+                if "gradmedic" in obj:
+                    runs.append((obj, []))
+                elif runs:
+                    runs[-1][1].append(obj)
+                else:
+                    raise GradmedicError(f"{p} does not start with a gradmedic header line")
+    except UnicodeDecodeError:
+        raise GradmedicError(
+            f"{p} is not a gradmedic JSONL history (not UTF-8 text); pass the file written "
+            "by watch(sink=...)"
+        ) from None
     if not runs:
         raise GradmedicError(f"{p} holds no gradmedic run")
     try:

@@ -21,7 +21,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
@@ -568,7 +568,7 @@ def find_monitor(params: Sequence[torch.Tensor]) -> Monitor | None:
     return None
 
 
-def _is_scalar_loss(value: Any) -> bool:
+def _is_scalar_loss(value: Any) -> TypeGuard[torch.Tensor | float]:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and value.is_floating_point()
     return isinstance(value, float) and not isinstance(value, bool)

@@ -24,6 +24,7 @@ from torch import nn
 
 from gradmedic.context import model_context
 from gradmedic.diagnose import DiagnosisConfig, diagnose_rows
+from gradmedic.errors import GradmedicError
 from gradmedic.findings import Diagnosis
 from gradmedic.layers import has_recurrent
 from gradmedic.probes.deltas import first_tensor
@@ -63,6 +64,7 @@ def check(
         The :class:`~gradmedic.findings.Diagnosis`; findings carry ``step=None``.
 
     Raises:
+        GradmedicError: The model has no trainable parameters.
         TypeError: ``model`` is not a module or ``loss_fn`` not callable.
         ValueError: The output and targets do not fit the default loss.
     """
@@ -70,6 +72,19 @@ def check(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        frozen = next(model.parameters(), None) is not None
+        raise GradmedicError(
+            f"the model ({type(model).__name__}) has no trainable parameters"
+            + (" (all are frozen: requires_grad=False)" if frozen else "")
+            + ": check() diagnoses the gradients of trainable weights; "
+            + (
+                "unfreeze them with model.requires_grad_(True)"
+                if frozen
+                else "pass the whole network whose layers have weights, e.g. "
+                "nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))"
+            )
+        )
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(output, targets), got {type(loss_fn).__name__}")
     with _preserved(model):

@@ -8,6 +8,7 @@ the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
@@ -29,6 +30,7 @@ def foreach_norms(
     for idx, members, device in indexed_groups(grads):
         dtype = members[0].dtype
         acc = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else None
+        norms: Sequence[torch.Tensor]
         if use_foreach(members, device, foreach):
             norms = torch._foreach_norm(members, norm_type, dtype=acc)
         else:
@@ -58,7 +60,7 @@ def use_foreach(
 ) -> bool:
     """Whether to take the fused ``torch._foreach_*`` path (torch's own rule when None)."""
     if foreach is None:
-        return _has_foreach_support(tensors, device)
+        return _has_foreach_support(cast("list[torch.Tensor]", tensors), device)  # only iterated
     if foreach and not _device_has_foreach_support(device):
         raise RuntimeError(
             f"foreach=True was passed, but can't use the foreach API on {device.type} tensors; "

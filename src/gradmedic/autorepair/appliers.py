@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,13 +90,13 @@ class Applier:
 # ---- model remedies ---------------------------------------------------------------
 
 
-def _surgery() -> object:
+def _surgery() -> ModuleType:
     from gradmedic.remedies import surgery
 
     return surgery
 
 
-def _init() -> object:
+def _init() -> ModuleType:
     from gradmedic.remedies import init
 
     return init
@@ -144,11 +146,11 @@ def _forget(model: nn.Module, remedy: Remedy, batch: torch.Tensor) -> nn.Module:
 # ---- training remedies ------------------------------------------------------------
 
 
-def _set(**fields: object) -> SettingsFn:
+def _set(**fields: tuple[str, Callable[[Any], object]]) -> SettingsFn:
     """A settings applier copying ``remedy.params[param]`` into ``field``."""
 
     def apply(settings: TrainSettings, remedy: Remedy) -> TrainSettings:
-        values = {f: type_(remedy.params[p]) for f, (p, type_) in fields.items()}
+        values: dict[str, Any] = {f: type_(remedy.params[p]) for f, (p, type_) in fields.items()}
         return dataclasses.replace(settings, **values)
 
     return apply

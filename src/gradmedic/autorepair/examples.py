@@ -16,15 +16,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from functools import cache
+from typing import cast
 
 import torch
 from torch import nn
 
 from gradmedic.autorepair.setup import Setup
 
+Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
+
 
 @cache
-def digits(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+def digits(seed: int = 0) -> tuple[Pair, Pair]:
     """``((x_train, y_train), (x_val, y_val))``: sklearn digits scaled to [0, 1], 400 held out."""
     from sklearn.datasets import load_digits
 
@@ -36,7 +39,7 @@ def digits(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
 
 
 @cache
-def adding(length: int = 20, n: int = 1200, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], ...]:
+def adding(length: int = 20, n: int = 1200, seed: int = 0) -> tuple[Pair, Pair]:
     """The adding problem: inputs ``(n, length, 2)`` (value, marker), target the marked sum.
 
     Predicting the mean scores an MSE of Var(u1 + u2) = 2/12 = 0.167.
@@ -90,9 +93,10 @@ class AddingRNN(nn.Module):
         self.rnn = nn.RNN(2, hidden, batch_first=True, nonlinearity=nonlinearity)
         self.head = nn.Linear(hidden, 1)
         if radius is not None:  # W_h = radius * orthogonal: every singular value is `radius`
-            nn.init.orthogonal_(self.rnn.weight_hh_l0)
+            w_hh = cast(torch.Tensor, self.rnn.weight_hh_l0)
+            nn.init.orthogonal_(w_hh)
             with torch.no_grad():
-                self.rnn.weight_hh_l0.mul_(radius)
+                w_hh.mul_(radius)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Last hidden state -> sum estimate."""

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,7 +96,7 @@ def preflight(setup: Setup, remedies: Sequence[Remedy] = (), *, seed: int = 0) -
         return monitor.diagnose()
 
 
-def _probes(model: nn.Module) -> dict[str, bool]:
+def _probes(model: nn.Module) -> dict[str, Any]:
     """The optional probes a run of ``model`` uses."""
     return {"activations": True, "recurrent": has_recurrent(model)}
 
@@ -104,6 +105,7 @@ def make_optimizer(
     setup: Setup, model: nn.Module, settings: TrainSettings
 ) -> torch.optim.Optimizer:
     """The user's optimizer (or Adam) for ``model``, with the settings' lr and decay."""
+    optimizer: torch.optim.Optimizer
     if settings.adam_lr is not None:
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.adam_lr)
     else:

@@ -76,12 +76,62 @@ class DiagnosisConfig:
         update_window: Records in the median above; it needs at least
             ``min(update_window, 3)`` records so that Adam's large first step
             alone does not fire it.
-        window: Records (the latest ones) averaged, geometrically, for the
-            per-layer delta and gradient profiles and the activation
-            fractions.
+        window: Records averaged (geometrically for gains, by the median for
+            unit fractions) to decide whether a problem holds at a record:
+            each record is judged on the window of measured records ending
+            at it, so one odd batch neither starts nor ends an episode.
+        geometric_r2: A depth profile is geometric, i.e. explained by one
+            chain-rule factor per layer, when the straight-line fit of
+            ``log ||delta_l||`` against depth explains at least this fraction
+            of its variance. Every broken reference of the suite measured
+            R^2 >= 0.99 (default-init sigmoid/tanh, tiny/huge-init ReLU).
+            Pre-LN transformer LMs (2 and 6 blocks, manual SGD clipped at
+            0.25) measured R^2 0.0-0.4 per record at lr 0.5 and 20, deltas or
+            weight gradients alike; diverging at lr 100 single records
+            reached 0.69 (deltas) and 0.83 (weight gradients only). Their
+            fitted "total gain" there, up to 1e-2..1e-3, comes from a few odd
+            layers (embeddings, head), not from a product through depth.
+        update_ratio_healthy: The top of the healthy range of
+            ``||dw|| / ||w||`` (SGD lr 0.01-0.1 measured 1e-3..2e-2): the
+            learning-rate factor brings the measured ratio to it, and a
+            loss that rises while every step stayed below it is not a
+            step-size divergence.
+        loss_window: Finite losses whose median is the smoothed loss of the
+            divergence rule: one bad batch does not make a rise.
+        loss_rise: A smoothed loss at least this many times the lowest
+            smoothed loss before it is a several-fold rise. Healthy runs
+            measured at most 1.11x (pre-LN LMs on random batches at lr 0.5
+            and 20; MLPs at SGD 0.05 / Adam 1e-3 only decrease); SGD at lr
+            100 on a pre-LN LM rose 7.9x by step 7 and 29x at its worst, the
+            reported wikitext case 9 -> 34 -> 110. A divergence is critical
+            from ``loss_rise ** 2`` (9x) or when the loss turns non-finite.
+        loss_undo: ...and the rise must undo at least this fraction of the
+            progress made (``(L_t - L_min) >= loss_undo * (L_0 - L_min)``),
+            so that noise around a loss near 0 (0.01 -> 0.03 after starting
+            at 2.3) is not a divergence, while climbing back to the starting
+            loss is.
+        blowup: A record whose global gradient norm is at least this many
+            times the median of the earlier finite ones is a blow-up: the
+            first one ends the records the suggested numbers are taken from.
+            The healthy twins of tests/test_setups.py measured at most 4.8x
+            (an LSTM on fresh random batches), most of them 1.0-1.5x; two
+            orders of magnitude is no batch-to-batch noise.
+        clip_percentile: The clip threshold is this percentile of the global
+            gradient norms recorded before the first bad record: it leaves
+            nine in ten healthy steps untouched and caps the spikes.
+        clip_bounds: ...clamped to ``[low, high] * median`` of those norms;
+            1.0 (the usual starting point: PyTorch's examples use 0.25-1,
+            Hugging Face's Trainer 1.0) when there is no finite record
+            before the first bad one.
+        lr_factor_bounds: The suggested learning-rate factor stays in
+            ``[low, high]``: a practitioner lowers by 2x-100x at a time and
+            re-measures; a factor outside says the measurement was wrong
+            (1e-30 from a zero-initialized layer), not the lr.
         context: Model-derived facts that the rows do not hold, e.g.
             ``{"activations": {layer: "Sigmoid"}, "weight_scale": {layer: s},
-            "forward_order": [module, ...]}``; detectors work without it.
+            "forward_order": [module, ...], "structure": {...}, "optimizer":
+            {...} or None}`` (docs/diagnosis.md, "Model context"); detectors
+            work without it.
     """
 
     vanishing_gain: float = 1e-3
@@ -95,6 +145,15 @@ class DiagnosisConfig:
     update_ratio_sustained: float = 0.3
     update_window: int = 5
     window: int = 5
+    geometric_r2: float = 0.5
+    update_ratio_healthy: float = 1e-2
+    loss_window: int = 3
+    loss_rise: float = 3.0
+    loss_undo: float = 0.5
+    blowup: float = 100.0
+    clip_percentile: float = 90.0
+    clip_bounds: tuple[float, float] = (1e-3, 1e3)
+    lr_factor_bounds: tuple[float, float] = (0.01, 0.5)
     context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,6 +165,16 @@ class DiagnosisConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        for name in ("update_window", "window"):
+        if not 0 <= self.geometric_r2 <= 1:
+            raise ValueError(f"geometric_r2 must be in [0, 1], got {self.geometric_r2}")
+        if self.loss_rise <= 1 or self.blowup <= 1:
+            raise ValueError("loss_rise and blowup must be > 1")
+        if not 0 < self.clip_percentile <= 100:
+            raise ValueError(f"clip_percentile must be in (0, 100], got {self.clip_percentile}")
+        for name in ("clip_bounds", "lr_factor_bounds"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high")
+        for name in ("update_window", "window", "loss_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -12,13 +12,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
+from gradmedic.diagnose.episodes import Point, episode, larger, row_step
 from gradmedic.diagnose.registry import register
-from gradmedic.diagnose.units import dead_modules, pct
+from gradmedic.diagnose.setup import lower_lr, setup_of
+from gradmedic.diagnose.suggest import suggested
+from gradmedic.diagnose.units import dead_in, pct, unit_series
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
 
-def remedies(kind: str, trained: bool) -> list[Remedy]:
+def remedies(kind: str, trained: bool, lr: Remedy | None = None) -> list[Remedy]:
     """Ranked cures: give dead units a way back, then keep them alive."""
     out = [
         catalog.swap_activation(kind, "LeakyReLU", "slope 0.01 below 0 gives a way back (R3)"),
@@ -27,16 +30,28 @@ def remedies(kind: str, trained: bool) -> list[Remedy]:
         catalog.normalization("batch", "centres every unit's pre-activation over the batch (R6)"),
     ]
     if trained:
-        out.insert(2, catalog.lower_lr(0.1, "a large step can push a bias far negative (R3)"))
+        out.insert(2, lr or catalog.lower_lr(0.1, "a large step can push a bias far negative (R3)"))
     return out
 
 
-@register(Problem.DEAD_UNITS)
+@register(
+    Problem.DEAD_UNITS,
+    needs=("activations",),
+    why="no `activations` key: dead units not checked (watch(..., activations=True))",
+)
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
-    """Modules with at least ``dead_fraction`` of their units dead over the recorded window."""
-    dead = dead_modules(rows, config.window, config.dead_fraction)
-    if not dead:
+    """Modules with at least ``dead_fraction`` of their units dead, over the run."""
+    series = unit_series(rows, config.window)
+    judged = [(i, dead_in(stats, config.dead_fraction)) for i, stats in series]
+    points = [
+        Point(i, row_step(rows[i], i), bool(d),
+              max((s["dead_fraction"] for s in d.values()), default=0.0))
+        for i, d in judged
+    ]  # fmt: skip
+    ep = episode(points, larger, "dead_fraction")
+    if ep is None:
         return []
+    dead = next(d for i, d in reversed(judged) if d)
     worst_name, worst = max(dead.items(), key=lambda kv: kv[1]["dead_fraction"])
     kind = str(worst.get("kind", "ReLU"))
     fractions = {name: s["dead_fraction"] for name, s in dead.items()}
@@ -51,14 +66,18 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
         "it passes no gradient to the layers below."
     )
     step = worst.get("step")
+    s = suggested(rows, config)
+    lr = lower_lr(
+        setup_of(config),
+        s.lr_factor,
+        f"a large step can push a bias far negative (R3); {s.lr_why}",
+        s.lr,
+    )
+    peak = ep.peak_value if ep.peak_value is not None else worst["dead_fraction"]
     return [
         Finding(
             problem=Problem.DEAD_UNITS,
-            severity=(
-                Severity.CRITICAL
-                if worst["dead_fraction"] >= config.dead_critical
-                else Severity.WARNING
-            ),
+            severity=(Severity.CRITICAL if peak >= config.dead_critical else Severity.WARNING),
             layers=list(dead),
             evidence={
                 "dead_fraction": fractions,
@@ -67,7 +86,8 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
                 "threshold": config.dead_fraction,
             },
             explanation=text,
-            remedies=remedies(kind, trained=bool(step)),
+            remedies=remedies(kind, trained=bool(step), lr=lr),
             step=step,
+            episode=ep,
         )
     ]

@@ -8,33 +8,17 @@ delta itself grows ~sqrt(n/2) per layer toward the input.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.gain import gain_finding
-from gradmedic.diagnose.profile import layer_profile
 from gradmedic.diagnose.registry import register
+from gradmedic.diagnose.suggest import suggested
 from gradmedic.findings import Finding, Problem, Remedy
 from gradmedic.remedies import catalog
 
 Rows = Sequence[Mapping[str, Any]]
-
-
-def clip_threshold(rows: Rows, config: DiagnosisConfig) -> float:
-    """A global-norm clip threshold from the observed norms.
-
-    The global norm the gradient would have if every layer had the median
-    layer's gradient norm: ``median_l ||g_l|| * sqrt(L)``. The exploding
-    layers are far above the median, the healthy ones near it.
-    """
-    prof = layer_profile(rows, "grad_norm", config.window)
-    if not prof:
-        return 1.0
-    vals = sorted(prof.values())
-    median = vals[len(vals) // 2]
-    return median * math.sqrt(len(vals))
 
 
 def make_remedies(rows: Rows) -> Any:
@@ -42,19 +26,28 @@ def make_remedies(rows: Rows) -> Any:
 
     def rank(kind: str | None, config: DiagnosisConfig) -> list[Remedy]:
         scheme = "xavier" if kind in {"Sigmoid", "Tanh", "Softsign", "Hardtanh"} else "he"
-        return [
-            catalog.init_scheme(scheme, "brings each layer's gain |w| * phi' back to ~1 (R4)"),
-            catalog.clip_norm(
-                clip_threshold(rows, config), "caps the step whatever the gradient's size (R7)"
-            ),
+        out = [catalog.init_scheme(scheme, "brings each layer's gain |w| * phi' back to ~1 (R4)")]
+        s = suggested(rows, config)
+        if s.clip_norm is not None:
+            out.append(
+                catalog.clip_norm(
+                    s.clip_norm, f"caps the step whatever the gradient's size: {s.clip_why} (R7)"
+                )
+            )
+        out += [
             catalog.normalization("batch", "rescales every layer's signal to unit size (R6)"),
             catalog.weight_decay(1e-4, "keeps the weight norms, hence the product, small (R5)"),
         ]
+        return out
 
     return rank
 
 
-@register(Problem.EXPLODING)
+@register(
+    Problem.EXPLODING,
+    needs=("delta_norm", "grad_norm"),
+    why="no `delta_norm` or `grad_norm` key: the per-layer gradient profile was not recorded",
+)
 def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     """Exploding when the fitted total gain of the delta profile is above ``exploding_gain``."""
     return gain_finding(rows, config, Problem.EXPLODING, make_remedies(rows))

@@ -7,6 +7,11 @@ The weight gradient is a sum over steps, so the far past then dominates it by th
 orders of magnitude and a step sized for it throws the weights far off. Critical
 beyond ``severe_gain_decades`` (1e6) or on overflow: a million-fold amplification
 overflows float16 (max 65504) as soon as the last step's gradient exceeds ~0.07.
+
+Every record with a recurrent profile is judged on its window (an episode over the
+run); the severity comes from the worst record's own growth, never the window's
+geometric mean (which turns a 3.5e29x record among four calm ones into ~1e6x). The
+clip threshold is the diagnosis' one (:mod:`gradmedic.diagnose.suggest`).
 """
 
 from __future__ import annotations
@@ -15,54 +20,25 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from gradmedic.diagnose.in_time import TimeFit, fit_modules, processing_order
-from gradmedic.diagnose.profile import positive, sci
+from gradmedic.diagnose.episodes import Point, episode, larger
+from gradmedic.diagnose.in_time import TimeFit, explodes, fit_series
+from gradmedic.diagnose.profile import sci
 from gradmedic.diagnose.registry import register
+from gradmedic.diagnose.setup import setup_of, tailored
+from gradmedic.diagnose.signals import nonfinite_row
+from gradmedic.diagnose.suggest import suggested
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
 
-def explodes(fit: TimeFit, limit: float) -> bool:
-    """Whether the profile grows beyond ``limit`` within the sequence (or overflowed)."""
-    if fit.nonfinite and any(v == math.inf for v in fit.profile):
-        return True
-    return fit.per_step_gain > 1 and (fit.total_gain > limit or fit.end_ratio > limit)
-
-
-def amplification(fit: TimeFit) -> float:
-    """Mean ``||dL/dh_t||`` over the last step's: how much the growth inflates the sum.
-
-    Without growth every step would contribute about the last step's share.
-    """
-    back = [v for v in processing_order(fit.profile, fit.stream) if positive(v)]
-    if not back:
-        return math.inf
-    return float(np.mean(back)) / back[0]
-
-
-def clip_threshold(fit: TimeFit, rows: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
-    """A global-norm clipping threshold from the observed norms, and its reason.
-
-    The recorded ``global_grad_norm`` divided by the growth's amplification: the
-    norm the gradient would have if every step contributed like the last one.
-    """
-    norms = [r["global_grad_norm"] for r in rows if positive(r.get("global_grad_norm"))]
-    amp = amplification(fit)
-    if norms and math.isfinite(amp) and amp > 0:
-        total = float(np.median(norms[-5:]))
-        return total / max(amp, 1.0), (
-            f"the median recorded gradient norm {sci(total)} divided by the growth's "
-            f"amplification {sci(amp)} (mean ||dL/dh_t|| over the last step's) (R7)"
-        )
-    return 1.0, "no gradient norm recorded; 1.0 is the usual starting point (R7)"
-
-
-def remedies(fit: TimeFit, rows: Sequence[Mapping[str, Any]], limit: float) -> list[Remedy]:
+def remedies(
+    fit: TimeFit, rows: Sequence[Mapping[str, Any]], limit: float, config: Any = None
+) -> list[Remedy]:
     """Ranked cures: clip first (it works on any model), then remove the cause."""
-    threshold, why = clip_threshold(fit, rows)
-    out = [catalog.clip_norm(threshold, why)]
+    s = suggested(rows, config)
+    out = []
+    if s.clip_norm is not None:
+        out.append(catalog.clip_norm(s.clip_norm, f"{s.clip_why} (R7)"))
     g = fit.per_step_gain
     steps = max(1, int(math.log(limit) / math.log(g))) if g > 1 else fit.seq_len
     out.append(
@@ -116,27 +92,75 @@ def explain(fit: TimeFit, limit: float) -> str:
     return text
 
 
-@register(Problem.EXPLODING_IN_TIME)
+@register(
+    Problem.EXPLODING_IN_TIME,
+    needs=("recurrent",),
+    why="no `recurrent` key: gradient over time not checked (watch(..., recurrent=True))",
+)
 def detect(rows: Sequence[Mapping[str, Any]], config: Any) -> list[Finding]:
     """One finding per recurrent module whose gradient grows back through the sequence."""
     limit = float(getattr(config, "exploding_gain", 1e3))
     severe = 10.0 ** float(getattr(config, "severe_gain_decades", 6.0))
+    single = fit_series(rows, config, 1)
     findings = []
-    for module, fits in fit_modules(rows, config).items():
-        bad = [f for f in fits if explodes(f, limit)]
-        if not bad:
+    for module, series in fit_series(rows, config).items():
+        alone = {p.index: p for p in single.get(module, [])}
+        last = max(alone) if alone else -1
+        if not any(nonfinite_row(r) for r in rows[last + 1 :]):
+            last = -1
+        points = []
+        for p in series:
+            bad = any(explodes(f, limit) for f in p.fits)
+            own = alone.get(p.index, p)
+            growth = max(_growth(f) for f in own.fits)
+            if not bad and any(explodes(f, limit) for f in own.fits):
+                # as for depth: one record beyond the severe threshold, or the last one
+                # before the run turned non-finite, counts alone
+                bad = growth > severe or p.index == last
+            points.append(Point(p.index, p.step, bad, growth))
+        ep = episode(points, larger, "growth")
+        if ep is None:
             continue
-        worst = max(bad, key=lambda f: (f.nonfinite, f.total_gain))
-        critical = worst.nonfinite or max(worst.total_gain, worst.end_ratio) > severe
+        end = max(m.index for m in points if m.bad)
+        at = next(p for p in series if p.index == end)
+        if not any(explodes(f, limit) for f in at.fits):
+            at = alone.get(end, at)  # the record that counted alone
+        fits = list(at.fits)
+        worst = max(
+            (f for f in fits if explodes(f, limit)), key=lambda f: (f.nonfinite, f.total_gain)
+        )
+        peak = ep.peak_value if ep.peak_value is not None else _growth(worst)
+        critical = worst.nonfinite or peak > severe
+        evidence = worst.evidence({f.stream: f.per_step_gain for f in fits})
+        evidence["peak_growth"] = peak
         findings.append(
             Finding(
                 problem=Problem.EXPLODING_IN_TIME,
                 severity=Severity.CRITICAL if critical else Severity.WARNING,
                 layers=[module],
-                evidence=worst.evidence({f.stream: f.per_step_gain for f in fits}),
-                explanation=explain(worst, limit),
-                remedies=remedies(worst, rows, limit),
+                evidence=evidence,
+                explanation=explain(worst, limit)
+                + (
+                    f" At its worst (step {ep.peak}) one record grew {sci(peak)}x across the "
+                    "sequence."
+                    if peak > max(worst.total_gain, worst.end_ratio) * 10
+                    else ""
+                ),
+                remedies=tailored(remedies(worst, rows, limit, config), setup_of(config)),
                 step=worst.step,
+                episode=ep,
             )
         )
     return findings
+
+
+def _growth(fit: TimeFit) -> float:
+    """A record's growth across the sequence (inf when the profile overflowed).
+
+    The larger of the fitted and the measured ratio of the first step's gradient
+    to the last's.
+    """
+    if any(v == math.inf for v in fit.profile):
+        return math.inf
+    values = [v for v in (fit.total_gain, fit.end_ratio) if not math.isnan(v)]
+    return max(values) if values else math.nan

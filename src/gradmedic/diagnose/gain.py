@@ -7,19 +7,23 @@ remedies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
+from gradmedic.diagnose.episodes import Point, episode, larger, row_step, smaller
 from gradmedic.diagnose.profile import (
     activation_kinds,
     dominant,
     fit_gain,
+    gain_series,
     positive,
     recent,
     sci,
     typical_weight_scale,
 )
+from gradmedic.diagnose.signals import nonfinite_row
 from gradmedic.diagnose.units import dead_modules
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 
@@ -48,7 +52,7 @@ def cut_layers(rows: Rows, config: DiagnosisConfig) -> tuple[list[str], str | No
 
     No gradient reaches them at all: the chain-rule product underflowed. When
     dead units explain the zeros, they are the dead-unit detector's finding,
-    not a vanishing one, and none are returned.
+    not a vanishing one, and none are returned. Judged at the latest record.
 
     Returns:
         The cut-off layers and the output-side-most layer with a positive value.
@@ -59,32 +63,113 @@ def cut_layers(rows: Rows, config: DiagnosisConfig) -> tuple[list[str], str | No
             break
     else:
         return [], None
-    values = latest[-1][source]
-    order = list(config.context.get("layers") or values)
+    cut, last = _cut_in(latest[-1][source], config)
+    if cut and dead_modules(rows, config.window, config.dead_fraction):
+        return [], None
+    return cut, last
+
+
+def _cut_in(values: Mapping[str, Any], config: DiagnosisConfig) -> tuple[list[str], str | None]:
+    """Zero layers that form the whole input side of the profile (an underflowed product).
+
+    Once ``delta_l`` is 0 every delta further back is 0 too (``delta_{l-1} = J^T
+    delta_l``), so an underflow zeroes a prefix of the layers. Zeros between
+    layers that do receive a gradient are no underflow: a zero-initialized
+    parameter downstream (LoRA's B, the last layer of a zero-init residual
+    branch) multiplies that branch's gradient by 0 by design, until its first
+    update.
+    """
+    order = [n for n in (config.context.get("layers") or values) if n in values]
     alive = [n for n in order if positive(values.get(n))]
     if not alive:
         return [], None
-    zeros = [n for n in order[: order.index(alive[-1])] if values.get(n) == 0.0]
-    if zeros and dead_modules(rows, config.window, config.dead_fraction):
-        return [], None
+    before = order[: order.index(alive[-1])]
+    zeros = [n for n in before if values.get(n) == 0.0]
+    if zeros != before[: len(zeros)]:
+        return [], alive[-1]
     return zeros, alive[-1]
+
+
+def _cut_points(rows: Rows, config: DiagnosisConfig) -> dict[int, list[str]]:
+    """Row index -> layers cut off at that record (dead units explaining them excluded)."""
+    out: dict[int, list[str]] = {}
+    for i, row in enumerate(rows):
+        for source in ("delta_norm", "grad_norm"):
+            values = row.get(source)
+            if values:
+                cut, _ = _cut_in(values, config)
+                if cut and not dead_modules(rows[: i + 1], config.window, config.dead_fraction):
+                    out[i] = cut
+                break
+    return out
 
 
 def gain_finding(
     rows: Rows, config: DiagnosisConfig, problem: Problem, rank: RemedyRanker
 ) -> list[Finding]:
-    """One vanishing/exploding finding when the fitted total gain crosses the threshold.
+    """One vanishing/exploding finding for the run's episode of a crossed total gain.
 
-    A vanishing finding is also made, with total gain 0, when some layers
-    receive exactly zero gradient (:func:`cut_layers`).
+    Every record with a usable depth profile is judged on the geometric-mean
+    profile of the ``window`` records ending there: the problem holds when the
+    fitted total gain crosses the threshold *and* the profile is geometric
+    (R^2 >= ``geometric_r2``: one chain-rule factor per layer explains it). A
+    vanishing finding is also made, with total gain 0, when some layers
+    receive exactly zero gradient (:func:`cut_layers`). The evidence is the
+    last record where it held; the severity comes from the most extreme
+    record of the episode, taken alone. A record whose own profile crosses counts
+    even where its window does not when it is beyond the severe threshold or is the
+    last usable record before non-finite ones.
     """
     vanishing = problem is Problem.VANISHING
-    fit = fit_gain(rows, config.window, config.context.get("layers"))
-    cut, last = cut_layers(rows, config) if vanishing else ([], None)
+    layers = config.context.get("layers")
     limit = config.vanishing_gain if vanishing else config.exploding_gain
-    crossed = fit is not None and (fit.total_gain < limit if vanishing else fit.total_gain > limit)
-    if not crossed and not cut:
+
+    def crosses(total: float) -> bool:
+        return total < limit if vanishing else total > limit
+
+    windowed = gain_series(rows, config.window, layers)
+    single = {p.index: p for p in gain_series(rows, 1, layers)}
+    cuts = _cut_points(rows, config) if vanishing else {}
+    points: list[Point] = []
+    indices = sorted({p.index for p in windowed} | set(cuts))
+    by_index = {p.index: p for p in windowed}
+    severe = 10.0 ** (-config.severe_gain_decades if vanishing else config.severe_gain_decades)
+    last_usable = max(single) if single else -1
+    if not any(nonfinite_row(r) for r in rows[last_usable + 1 :]):
+        last_usable = -1  # the run simply ended: the window decides
+    for i in indices:
+        w = by_index.get(i)
+        crossed = w is not None and crosses(w.total_gain) and w.r2 >= config.geometric_r2
+        one = single.get(i)
+        if (
+            not crossed
+            and one is not None
+            and crosses(one.total_gain)
+            and one.r2 >= config.geometric_r2
+        ):
+            # A record alone counts when it is beyond the severe threshold (no healthy
+            # batch measures six decades from 1) or when no later record can outvote it
+            # because the run turned non-finite right after (the explosion before a NaN).
+            crossed = (one.total_gain < severe if vanishing else one.total_gain > severe) or (
+                i == last_usable
+            )
+        value = 0.0 if i in cuts else (one.total_gain if one is not None else math.nan)
+        points.append(Point(i, row_step(rows[i], i), crossed or i in cuts, value))
+    ep = episode(points, smaller if vanishing else larger, "total_gain")
+    if ep is None:
         return []
+    end = max(p.index for p in points if p.bad)
+    upto = rows[: end + 1]
+    fit = fit_gain(upto, config.window, layers)
+    cut = cuts.get(end, [])
+    last = _cut_in(_latest_values(upto), config)[1] if cut else None
+
+    def crossed_by(f: Any) -> bool:
+        return f is not None and crosses(f.total_gain) and f.r2 >= config.geometric_r2
+
+    if not crossed_by(fit) and not cut:
+        fit = fit_gain(upto[-1:], 1, layers)  # the record that counted alone
+    crossed = crossed_by(fit)
     sentences: list[str] = []
     evidence: dict[str, Any] = {"threshold": limit}
     involved: list[str] = list(cut)
@@ -92,7 +177,7 @@ def gain_finding(
     if fit is not None:
         relative = fit.relative()
         beyond = [n for n, r in relative.items() if (r < limit if vanishing else r > limit)]
-        if crossed:
+        if crossed or not cut:
             involved += [n for n in (beyond or [fit.layers[0]]) if n not in involved]
         inner = list(fit.layers[:-1])  # the last layer's activation is not on the path
         kinds = activation_kinds(inner, config.context)
@@ -100,18 +185,22 @@ def gain_finding(
         scale = typical_weight_scale(inner, config.context)
         what = "gradient (dL/d output)" if fit.source == "delta_norm" else "weight gradient"
         kind_word = f"{kind} " if kind and kinds.count(kind) * 2 > len(inner) else ""
+    if fit is not None and (crossed or not cut):
         sentences.append(
             f"Going back from layer {fit.layers[-1]!r} toward the input, each of the "
             f"{len(fit.layers) - 1} {kind_word}layers multiplies the {what} by about "
             f"{fit.per_layer_gain:.2g} ({mechanism(kind, scale)}): layer {fit.layers[0]!r} "
             f"receives {sci(fit.end_ratio)} {'of' if vanishing else 'times'} the {what} of "
-            f"layer {fit.layers[-1]!r} (fitted over the stack: {sci(fit.total_gain)})."
+            f"layer {fit.layers[-1]!r} (fitted over the stack: {sci(fit.total_gain)}, "
+            f"R^2 {fit.r2:.2f})."
         )
+    if fit is not None:
         evidence.update(
             source=fit.source,
             input_output_ratio=fit.end_ratio,
             per_layer_gain=fit.per_layer_gain,
             total_gain=fit.total_gain,
+            fit_r2=fit.r2,
             relative=relative,
             activation=kind,
             weight_scale=scale,
@@ -123,9 +212,13 @@ def gain_finding(
             "product underflowed to 0."
         )
         evidence.update(total_gain=0.0, zero_gradient_layers=cut)
-    total = evidence["total_gain"]
+    peak = ep.peak_value if ep.peak_value is not None and not math.isnan(ep.peak_value) else None
+    if peak is None:
+        peak = evidence.get("total_gain", 1.0)
+    evidence.update(peak_total_gain=peak, peak_step=ep.peak)
     decades = config.severe_gain_decades
-    severe = total < 10**-decades if vanishing else total > 10**decades
+    severe = peak < 10**-decades if vanishing else peak > 10**decades
+    step = upto[-1].get("step")
     return [
         Finding(
             problem=problem,
@@ -134,14 +227,15 @@ def gain_finding(
             evidence=evidence,
             explanation=" ".join(sentences),
             remedies=rank(kind, config),
-            step=_step(rows),
+            step=int(step) if step is not None else None,
+            episode=ep,
         )
     ]
 
 
-def _step(rows: Rows) -> int | None:
+def _latest_values(rows: Rows) -> Mapping[str, Any]:
     for source in ("delta_norm", "grad_norm"):
         latest = recent(rows, source, 1)
-        if latest and latest[-1].get("step") is not None:
-            return int(latest[-1]["step"])
-    return None
+        if latest:
+            return latest[-1][source]
+    return {}

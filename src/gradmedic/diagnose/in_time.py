@@ -106,6 +106,18 @@ class TimeFit:
         return out
 
 
+def explodes(fit: TimeFit, limit: float) -> bool:
+    """Whether the profile grows beyond ``limit`` within the sequence (or overflowed)."""
+    if fit.nonfinite and any(v == math.inf for v in fit.profile):
+        return True
+    return fit.per_step_gain > 1 and (fit.total_gain > limit or fit.end_ratio > limit)
+
+
+def vanishes(fit: TimeFit, limit: float) -> bool:
+    """Whether the profile decays below ``limit`` within the sequence."""
+    return fit.per_step_gain < 1 and (fit.total_gain < limit or fit.horizon is not None)
+
+
 def processing_order(profile: Sequence[float], stream: str) -> list[float]:
     """The profile from the last processed step backwards (``t = T-1, ..., 0`` forward).
 
@@ -249,6 +261,50 @@ def fit_modules(rows: Rows, config: Any) -> dict[str, list[TimeFit]]:
         if out:
             fits[module] = out
     return fits
+
+
+@dataclass(frozen=True)
+class TimePoint:
+    """The fits of one recurrent module at one record (on its trailing window)."""
+
+    index: int
+    step: int | None
+    fits: tuple[TimeFit, ...]
+
+
+def fit_series(rows: Rows, config: Any, window: int | None = None) -> dict[str, list[TimePoint]]:
+    """For every recurrent module, its stream fits at every record that holds it.
+
+    Record ``k``'s fits use the last ``window`` usable entries up to ``k`` of
+    the same sequence length (the rule of :func:`fit_modules` at the latest
+    record); ``window=1`` fits each record alone. Entries holding NaN are the
+    non-finite detector's and are skipped.
+    """
+    if window is None:
+        window = int(getattr(config, "window", 5))
+    vanish_ratio = float(getattr(config, "vanishing_gain", 1e-3))
+    seen: dict[str, list[Mapping[str, Any]]] = {}
+    out: dict[str, list[TimePoint]] = {}
+    for i, row in enumerate(rows):
+        for module, info in (row.get("recurrent") or {}).items():
+            if not isinstance(info, Mapping) or _has_nan(info):
+                continue
+            history = seen.setdefault(module, [])
+            history.append(info)
+            seq_len = info.get("seq_len")
+            same = [e for e in history if e.get("seq_len") == seq_len][-window:]
+            streams = info.get("streams") or {f"l{int(info.get('num_layers', 1)) - 1}": info}
+            step = row.get("step")
+            fits = []
+            for stream in streams:
+                entries = [e.get("streams", {}).get(stream, e) for e in same]
+                fit = fit_stream(module, stream, entries, info, vanish_ratio, step)
+                if fit is not None:
+                    fits.append(fit)
+            if fits:
+                point = TimePoint(i, int(step) if step is not None else i, tuple(fits))
+                out.setdefault(module, []).append(point)
+    return out
 
 
 def _has_nan(entry: Mapping[str, Any]) -> bool:

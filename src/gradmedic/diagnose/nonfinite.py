@@ -10,16 +10,21 @@ next layer with parameters; the modules run in between, from the context's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
+from gradmedic.diagnose.episodes import Point, episode, larger, row_step
 from gradmedic.diagnose.registry import register
+from gradmedic.diagnose.setup import lower_lr, setup_of
+from gradmedic.diagnose.signals import nonfinite_row
+from gradmedic.diagnose.suggest import suggested
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
-_WHERE = {
+_WHERE: dict[str | None, str] = {
     "forward": "the forward output",
     "backward": "the gradient flowing back into the output (dL/d output)",
     "gradient": "the parameters' gradient",
@@ -55,7 +60,11 @@ def _first_origin(rows: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any],
     return None
 
 
-@register(Problem.NONFINITE)
+@register(
+    Problem.NONFINITE,
+    needs=("nonfinite_origin", "loss", "global_grad_norm", "grad_norm"),
+    why="no gradient norm, loss or `nonfinite_origin` recorded",
+)
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """A critical finding at the first recorded non-finite origin."""
     found = _first_origin(rows)
@@ -82,10 +91,31 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     remedies: list[Remedy] = []
     if where != "forward" or not first_record:
         # It appeared during training: steps too large inflated weights or gradients (K6).
+        s = suggested(rows, config)
+        setup = setup_of(config)
         remedies = [
-            catalog.lower_lr(0.1, "too large a step inflates weights, then gradients (K6)"),
-            catalog.clip_norm(1.0, "bounds every step whatever the gradient's size (R7)"),
+            lower_lr(
+                setup,
+                s.lr_factor,
+                f"too large a step inflates weights, then gradients: {s.lr_why} (K6)",
+                s.lr,
+            ),
         ]
+        if s.clip_norm is not None:
+            remedies.append(
+                catalog.clip_norm(
+                    s.clip_norm,
+                    f"bounds every step whatever the gradient's size: {s.clip_why} (R7)",
+                )
+            )
+    points = [
+        Point(i, row_step(r, i), nonfinite_row(r), 1.0)
+        for i, r in enumerate(rows)
+        if any(k in r for k in ("nonfinite_origin", "loss", "global_grad_norm", "grad_norm"))
+    ]
+    ep = episode(points, larger, "non-finite")
+    if ep is not None:
+        ep = dataclasses.replace(ep, peak=ep.onset, peak_value=None)
     return [
         Finding(
             problem=Problem.NONFINITE,
@@ -95,5 +125,6 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
             explanation=text,
             remedies=remedies,
             step=step,
+            episode=ep,
         )
     ]

@@ -66,6 +66,7 @@ class GainFit:
         total_gain: ``per_layer_gain ** (len(layers) - 1)``.
         end_ratio: ``values[0] / values[-1]`` as measured (input over output side).
         step: Step of the latest row used.
+        r2: How much of the log-profile's variance the fitted line explains.
     """
 
     source: str
@@ -75,6 +76,7 @@ class GainFit:
     total_gain: float
     end_ratio: float
     step: int | None
+    r2: float = 1.0
 
     def relative(self) -> dict[str, float]:
         """Each layer's value over the output-side layer's value."""
@@ -104,9 +106,9 @@ def fit_gain(rows: Rows, window: int, layers: Sequence[str] | None = None) -> Ga
     names = [n for n in order if n in prof]
     x = np.array([position[n] for n in names], dtype=float)
     y = np.log10([prof[n] for n in names])
-    slope = float(np.polyfit(x, y, 1)[0])
+    slope, r2 = line_fit(x, y)
     per_layer = 10.0 ** (-slope)
-    total = 10.0 ** (-slope * float(x[-1] - x[0]))
+    total = _pow10(-slope * float(x[-1] - x[0]))
     latest = recent(rows, source, 1)[-1]
     step = latest.get("step")
     return GainFit(
@@ -117,7 +119,106 @@ def fit_gain(rows: Rows, window: int, layers: Sequence[str] | None = None) -> Ga
         total_gain=total,
         end_ratio=prof[names[0]] / prof[names[-1]],
         step=int(step) if step is not None else None,
+        r2=r2,
     )
+
+
+@dataclass(frozen=True)
+class GainPoint:
+    """The depth fit on the window of records ending at one record.
+
+    Attributes:
+        index: Row index of the record (in the rows given).
+        step: Its step.
+        per_layer_gain: ``10**(-slope)`` of the fit of the window's
+            geometric-mean profile.
+        total_gain: ``per_layer_gain ** (x_last - x_first)``.
+        r2: Fraction of the log-profile's variance the straight line explains
+            (1.0 for a flat profile): how geometric the profile is.
+        layers: Number of layers in the fit.
+    """
+
+    index: int
+    step: int | None
+    per_layer_gain: float
+    total_gain: float
+    r2: float
+    layers: int
+
+
+def profile_source(rows: Rows) -> str | None:
+    """``delta_norm`` if any record has two usable deltas, else ``grad_norm`` (else None)."""
+    for source in ("delta_norm", "grad_norm"):
+        for row in rows:
+            values = row.get(source)
+            if values and sum(1 for v in values.values() if positive(v)) >= 2:
+                return source
+    return None
+
+
+def gain_series(rows: Rows, window: int, layers: Sequence[str] | None = None) -> list[GainPoint]:
+    """The depth fit at every record with a usable profile, each on its trailing window.
+
+    Record ``k``'s point fits the geometric mean of the profiles of the last
+    ``window`` usable records up to ``k`` (fewer at the start of the run), as
+    :func:`fit_gain` does for the latest record. ``window=1`` fits each
+    record alone.
+    """
+    source = profile_source(rows)
+    if source is None:
+        return []
+    if layers:
+        order = list(layers)
+    else:
+        order = list(recent(rows, source, 1)[-1][source])
+    position = {n: i for i, n in enumerate(order)}
+    usable: list[tuple[int, dict[int, float]]] = []
+    for i, row in enumerate(rows):
+        values = row.get(source) or {}
+        logs = {
+            position[n]: math.log10(v) for n, v in values.items() if n in position and positive(v)
+        }
+        if len(logs) >= 2:
+            usable.append((i, logs))
+    out: list[GainPoint] = []
+    for k, (i, _) in enumerate(usable):
+        chosen = usable[max(0, k - window + 1) : k + 1]
+        sums: dict[int, list[float]] = {}
+        for _, logs in chosen:
+            for x, y in logs.items():
+                sums.setdefault(x, []).append(y)
+        xs = np.array(sorted(sums), dtype=float)
+        ys = np.array([sum(sums[int(x)]) / len(sums[int(x)]) for x in xs])
+        slope, r2 = line_fit(xs, ys)
+        step = rows[i].get("step")
+        out.append(
+            GainPoint(
+                index=i,
+                step=int(step) if step is not None else i,
+                per_layer_gain=10.0 ** (-slope),
+                total_gain=_pow10(-slope * float(xs[-1] - xs[0])),
+                r2=r2,
+                layers=len(xs),
+            )
+        )
+    return out
+
+
+def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of ``y`` against ``x`` and the R^2 of the line (1.0 if ``y`` is flat)."""
+    slope, intercept = np.polyfit(x, y, 1)
+    total = float(np.sum((y - y.mean()) ** 2))
+    if total <= 1e-24:
+        return float(slope), 1.0
+    resid = float(np.sum((y - (slope * x + intercept)) ** 2))
+    return float(slope), max(0.0, 1.0 - resid / total)
+
+
+def _pow10(exponent: float) -> float:
+    try:
+        return 10.0**exponent
+    except OverflowError:
+        return math.inf
 
 
 def activation_kinds(layers: Sequence[str], context: Mapping[str, Any]) -> list[str]:

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
+from gradmedic.diagnose.episodes import Point, episode, larger, row_step
 from gradmedic.diagnose.registry import register
-from gradmedic.diagnose.units import SATURATING, pct, unit_stats
+from gradmedic.diagnose.units import pct, saturated_in, unit_series
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
@@ -27,18 +28,26 @@ def remedies(kind: str) -> list[Remedy]:
     ]
 
 
-@register(Problem.SATURATION)
+@register(
+    Problem.SATURATION,
+    needs=("activations",),
+    why="no `activations` key: saturated units not checked (watch(..., activations=True))",
+)
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
-    """Bounded activations with at least ``saturation_fraction`` of near-zero slopes."""
-    stats = unit_stats(rows, config.window)
-    hit = {
-        name: s
-        for name, s in stats.items()
-        if s.get("kind") in SATURATING
-        and s.get("saturated_fraction", 0.0) >= config.saturation_fraction
-    }
-    if not hit:
+    """Bounded activations with ``saturation_fraction`` of near-zero slopes, over the run."""
+    judged = [
+        (i, saturated_in(stats, config.saturation_fraction))
+        for i, stats in unit_series(rows, config.window)
+    ]
+    points = [
+        Point(i, row_step(rows[i], i), bool(h),
+              statistics.fmean(s["saturated_fraction"] for s in h.values()) if h else 0.0)
+        for i, h in judged
+    ]  # fmt: skip
+    ep = episode(points, larger, "mean_saturated_fraction")
+    if ep is None:
         return []
+    hit = next(h for _, h in reversed(judged) if h)
     kinds = [str(s["kind"]) for s in hit.values()]
     kind = max(set(kinds), key=kinds.count)
     fractions = {name: s["saturated_fraction"] for name, s in hit.items()}
@@ -60,7 +69,9 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     return [
         Finding(
             problem=Problem.SATURATION,
-            severity=Severity.CRITICAL if mean >= 0.9 else Severity.WARNING,
+            severity=Severity.CRITICAL
+            if max(mean, ep.peak_value or 0.0) >= 0.9
+            else Severity.WARNING,
             layers=list(hit),
             evidence={
                 "saturated_fraction": fractions,
@@ -72,5 +83,6 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
             explanation=text,
             remedies=remedies(kind),
             step=worst.get("step"),
+            episode=ep,
         )
     ]

@@ -19,7 +19,31 @@ def unit_stats(rows: Sequence[Mapping[str, Any]], window: int) -> dict[str, dict
     The median over the last ``window`` records keeps a unit that was silent
     for one batch only from being called dead.
     """
-    chosen = recent(rows, "activations", window)
+    return _median_stats(recent(rows, "activations", window))
+
+
+def unit_series(
+    rows: Sequence[Mapping[str, Any]], window: int
+) -> list[tuple[int, dict[str, dict[str, Any]]]]:
+    """``(row index, unit_stats)`` at every record with activation statistics.
+
+    Each uses the median over the ``window`` such records ending there; the
+    first ``window - 1`` records are not judged (a median of fewer records
+    would let one silent batch count), unless the run has fewer than
+    ``window`` of them, in which case the judgement waits for them all.
+    """
+    indexed = [(i, r) for i, r in enumerate(rows) if r.get("activations")]
+    need = min(window, len(indexed))
+    out: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    if not need:
+        return out
+    for k in range(need - 1, len(indexed)):
+        chosen = [r for _, r in indexed[k - need + 1 : k + 1]]
+        out.append((indexed[k][0], _median_stats(chosen)))
+    return out
+
+
+def _median_stats(chosen: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     if not chosen:
         return {}
     out: dict[str, dict[str, Any]] = {}
@@ -56,10 +80,26 @@ def dead_modules(
     rows: Sequence[Mapping[str, Any]], window: int, threshold: float
 ) -> dict[str, dict[str, Any]]:
     """Activation modules (not bounded kinds) with at least ``threshold`` dead units."""
+    return dead_in(unit_stats(rows, window), threshold)
+
+
+def dead_in(stats: Mapping[str, dict[str, Any]], threshold: float) -> dict[str, dict[str, Any]]:
+    """The modules of ``stats`` (see :func:`unit_stats`) with at least ``threshold`` dead units."""
     return {
         name: s
-        for name, s in unit_stats(rows, window).items()
+        for name, s in stats.items()
         if s.get("kind") not in SATURATING
         and not vanished_input(s)
         and s.get("dead_fraction", 0.0) >= threshold
+    }
+
+
+def saturated_in(
+    stats: Mapping[str, dict[str, Any]], threshold: float
+) -> dict[str, dict[str, Any]]:
+    """The bounded-activation modules of ``stats`` with at least ``threshold`` saturated."""
+    return {
+        name: s
+        for name, s in stats.items()
+        if s.get("kind") in SATURATING and s.get("saturated_fraction", 0.0) >= threshold
     }

@@ -4,72 +4,100 @@ The update ratio ``||dw|| / ||w||`` per layer says how much of a layer one
 step rewrites. Healthy training sits around 1e-3..1e-2; a learning rate far
 too high shows ratios of 0.3 and more from its first steps, well before the
 inflated weights and gradients turn the loss into NaN.
+
+Zero-initialized layers (``param_norm == 0`` at an update: LoRA B matrices,
+zero-init residual branches) are set aside (:mod:`gradmedic.diagnose.signals`):
+their ratio is a division by zero, then ~1/k while they grow, not a step size.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
+from gradmedic.diagnose.episodes import Point, episode, larger
 from gradmedic.diagnose.registry import register
+from gradmedic.diagnose.setup import adaptive_optimizer, lower_lr, setup_of
+from gradmedic.diagnose.signals import RatioPoint, largest, ratio_points, zero_started
+from gradmedic.diagnose.suggest import lr_factor as _lr_factor
+from gradmedic.diagnose.suggest import suggested
 from gradmedic.findings import Finding, Problem, Severity
 from gradmedic.remedies import catalog
 
 Rows = Sequence[Mapping[str, Any]]
 
-_HEALTHY = 1e-2  # top of the healthy range of update ratios
+__all__ = ["detect", "first_unstable", "judge", "largest", "lr_factor"]
 
 
-def largest(ratios: Mapping[str, float]) -> tuple[str, float]:
-    """The layer with the largest ratio (a NaN counts as infinite)."""
-    name = max(ratios, key=lambda n: math.inf if math.isnan(ratios[n]) else ratios[n])
-    value = ratios[name]
-    return name, math.inf if math.isnan(value) else value
+def lr_factor(ratio: float) -> float:
+    """A power of ten bringing ``ratio`` to the healthy 1e-2: at least 10x, at most 100x.
+
+    Kept for callers of the old name; :func:`gradmedic.diagnose.suggest.lr_factor`
+    is the rule.
+    """
+    return _lr_factor(ratio)
+
+
+def judge(points: Sequence[RatioPoint], config: DiagnosisConfig) -> list[tuple[str | None, float]]:
+    """For each point, ``(rule, value)``: the rule that holds there, or None.
+
+    ``rule`` is ``"spike"``, ``"sustained"`` or None (then ``value`` is the
+    record's own largest ratio).
+
+    A spike is a record with a ratio >= ``update_ratio_spike``; sustained is a
+    median of the per-record maxima over the last ``update_window`` records
+    >= ``update_ratio_sustained`` (with at least ``min(update_window, 3)``
+    records, so that Adam's large first step alone does not fire it).
+    """
+    need = min(config.update_window, 3)
+    out: list[tuple[str | None, float]] = []
+    for k, p in enumerate(points):
+        if p.value >= config.update_ratio_spike:
+            out.append(("spike", p.value))
+            continue
+        window = [q.value for q in points[max(0, k - config.update_window + 1) : k + 1]]
+        median = statistics.median(window)
+        if len(window) >= need and median >= config.update_ratio_sustained:
+            out.append(("sustained", median))
+        else:
+            out.append((None, p.value))
+    return out
 
 
 def first_unstable(rows: Rows, config: DiagnosisConfig) -> tuple[int, str, str, float] | None:
     """The earliest record that is unstable: ``(row index, rule, layer, ratio)``."""
-    sampled = [(i, largest(r["update_ratio"])) for i, r in enumerate(rows) if r.get("update_ratio")]
-    need = min(config.update_window, 3)
-    for k, (i, (name, value)) in enumerate(sampled):
-        if value >= config.update_ratio_spike:
-            return i, "spike", name, value
-        window = [v for _, (_, v) in sampled[max(0, k - config.update_window + 1) : k + 1]]
-        if len(window) >= need and statistics.median(window) >= config.update_ratio_sustained:
-            return i, "sustained", name, statistics.median(window)
+    points = ratio_points(rows)
+    for p, (rule, value) in zip(points, judge(points, config), strict=True):
+        if rule is not None:
+            return p.index, rule, p.layer, value
     return None
 
 
-def lr_factor(ratio: float) -> float:
-    """A power of ten that brings ``ratio`` down to the healthy 1e-2 (at least 10x lower)."""
-    if not math.isfinite(ratio):
-        return 0.01
-    return min(0.1, 10.0 ** math.floor(math.log10(_HEALTHY / ratio)))
-
-
-def clip_threshold(rows: Rows) -> float:
-    """Median global gradient norm of the records before instability (1.0 without any)."""
-    norms = [
-        r["global_grad_norm"]
-        for r in rows
-        if isinstance(r.get("global_grad_norm"), float) and math.isfinite(r["global_grad_norm"])
-    ]
-    return statistics.median(norms) if norms else 1.0
-
-
-@register(Problem.UNSTABLE_UPDATES)
+@register(
+    Problem.UNSTABLE_UPDATES,
+    needs=("update_ratio",),
+    why="no `update_ratio` key: update sizes not measured (watch(..., updates=True), "
+    "sampled every update_every steps)",
+)
 def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
-    """The first record whose update ratio spikes or stays high (see DiagnosisConfig)."""
-    hit = first_unstable(rows, config)
-    if hit is None:
+    """The run's episode of update ratios that spike or stay high (see DiagnosisConfig)."""
+    points = ratio_points(rows)
+    verdicts = judge(points, config)
+    marks = [
+        Point(p.index, p.step, rule is not None, p.value)
+        for p, (rule, _) in zip(points, verdicts, strict=True)
+    ]
+    ep = episode(marks, larger, "update_ratio")
+    if ep is None:
         return []
-    i, rule, layer, value = hit
-    row = rows[i]
-    ratios = dict(row["update_ratio"])
+    k = next(k for k, m in enumerate(marks) if m.bad)
+    first, (rule, value) = points[k], verdicts[k]
+    assert rule is not None
+    row = rows[first.index]
     step = row.get("step")
+    layer = first.layer
     if rule == "spike":
         what = (
             f"At step {step} the optimizer changed layer {layer!r} by {value:.2g} of its own norm "
@@ -85,29 +113,50 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
         "Steps this large overshoot the minimum and inflate the weights, which inflates the "
         "gradients: the loss oscillates or diverges (K6)."
     )
-    factor = lr_factor(value)
-    lr = row.get("lr")
+    zero = sorted(zero_started(rows))
+    if zero:
+        text += (
+            f" Zero-initialized layers ({', '.join(zero[:4])}{' ...' if len(zero) > 4 else ''}) "
+            "are not judged: their ratio has no scale to refer to."
+        )
+    peak = ep.peak_value if ep.peak_value is not None else value
+    s = suggested(rows, config)
+    setup = setup_of(config)
+    remedies = [
+        lower_lr(setup, s.lr_factor, s.lr_why, s.lr or _lr_list(row)),
+    ]
+    if s.clip_norm is not None:
+        remedies.append(catalog.clip_norm(s.clip_norm, f"bounds each step: {s.clip_why} (R7)"))
+    remedies += [
+        adaptive_optimizer(setup, "steps scale with the gradient's running RMS (K6)"),
+        catalog.weight_decay(1e-4, "holds back the weight growth that feeds divergence"),
+    ]
     return [
         Finding(
             problem=Problem.UNSTABLE_UPDATES,
-            severity=Severity.CRITICAL if value >= config.update_ratio_spike else Severity.WARNING,
+            severity=Severity.CRITICAL if peak >= config.update_ratio_spike else Severity.WARNING,
             layers=[layer],
             evidence={
                 "rule": rule,
                 "update_ratio": value,
-                "update_ratios": ratios,
-                "lr": lr,
+                "update_ratios": dict(first.ratios),
+                "peak_update_ratio": peak,
+                "lr": row.get("lr"),
                 "threshold": (
                     config.update_ratio_spike if rule == "spike" else config.update_ratio_sustained
                 ),
+                "zero_initialized": zero,
             },
             explanation=text,
-            remedies=[
-                catalog.lower_lr(factor, f"brings the update ratio from {value:.2g} toward 1e-2"),
-                catalog.clip_norm(clip_threshold(rows[: i + 1]), "bounds each step (R7)"),
-                catalog.adaptive_optimizer("steps scale with the gradient's running RMS (K6)"),
-                catalog.weight_decay(1e-4, "holds back the weight growth that feeds divergence"),
-            ],
+            remedies=remedies,
             step=step,
+            episode=ep,
         )
     ]
+
+
+def _lr_list(row: Mapping[str, Any]) -> list[float] | None:
+    lr = row.get("lr")
+    if isinstance(lr, list | tuple) and all(isinstance(v, int | float) for v in lr):
+        return [float(v) for v in lr] or None
+    return None

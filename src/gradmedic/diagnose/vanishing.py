@@ -28,7 +28,11 @@ def remedies(kind: str | None, config: DiagnosisConfig) -> list[Remedy]:
     return out
 
 
-@register(Problem.VANISHING)
+@register(
+    Problem.VANISHING,
+    needs=("delta_norm", "grad_norm"),
+    why="no `delta_norm` or `grad_norm` key: the per-layer gradient profile was not recorded",
+)
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Vanishing when the fitted total gain of the delta profile is below ``vanishing_gain``."""
     return gain_finding(rows, config, Problem.VANISHING, remedies)

@@ -16,16 +16,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gradmedic.diagnose.in_time import TimeFit, fit_modules
+from gradmedic.diagnose.episodes import Point, episode, smaller
+from gradmedic.diagnose.in_time import TimeFit, fit_series, vanishes
 from gradmedic.diagnose.profile import sci
 from gradmedic.diagnose.registry import register
+from gradmedic.diagnose.setup import setup_of, tailored
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
-
-
-def vanishes(fit: TimeFit, limit: float) -> bool:
-    """Whether the profile decays below ``limit`` within the sequence."""
-    return fit.per_step_gain < 1 and (fit.total_gain < limit or fit.horizon is not None)
 
 
 def forget_bias_for(seq_len: int, limit: float) -> float:
@@ -153,27 +150,44 @@ def explain(fit: TimeFit, limit: float) -> str:
     return text
 
 
-@register(Problem.VANISHING_IN_TIME)
+@register(
+    Problem.VANISHING_IN_TIME,
+    needs=("recurrent",),
+    why="no `recurrent` key: gradient over time not checked (watch(..., recurrent=True))",
+)
 def detect(rows: Sequence[Mapping[str, Any]], config: Any) -> list[Finding]:
     """One finding per recurrent module whose gradient dies out within the sequence."""
     limit = float(getattr(config, "vanishing_gain", 1e-3))
     severe = 10.0 ** -float(getattr(config, "severe_gain_decades", 6.0))
+    single = fit_series(rows, config, 1)
     findings = []
-    for module, fits in fit_modules(rows, config).items():
-        bad = [f for f in fits if vanishes(f, limit)]
-        if not bad:
+    for module, series in fit_series(rows, config).items():
+        alone = {p.index: p for p in single.get(module, [])}
+        points = []
+        for p in series:
+            bad = any(vanishes(f, limit) for f in p.fits)
+            own = alone.get(p.index, p)
+            value = min(f.total_gain for f in own.fits)
+            points.append(Point(p.index, p.step, bad, value))
+        ep = episode(points, smaller, "total_gain")
+        if ep is None:
             continue
-        worst = min(bad, key=lambda f: f.total_gain)
-        critical = worst.total_gain < severe
+        last = next(p for p in reversed(series) if any(vanishes(f, limit) for f in p.fits))
+        fits = list(last.fits)
+        worst = min((f for f in fits if vanishes(f, limit)), key=lambda f: f.total_gain)
+        peak = ep.peak_value if ep.peak_value is not None else worst.total_gain
+        evidence = worst.evidence({f.stream: f.per_step_gain for f in fits})
+        evidence["peak_total_gain"] = peak
         findings.append(
             Finding(
                 problem=Problem.VANISHING_IN_TIME,
-                severity=Severity.CRITICAL if critical else Severity.WARNING,
+                severity=Severity.CRITICAL if peak < severe else Severity.WARNING,
                 layers=[module],
-                evidence=worst.evidence({f.stream: f.per_step_gain for f in fits}),
+                evidence=evidence,
                 explanation=explain(worst, limit),
-                remedies=remedies(worst, limit),
+                remedies=tailored(remedies(worst, limit), setup_of(config)),
                 step=worst.step,
+                episode=ep,
             )
         )
     return findings

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-STYLE: dict[str, Any] = {
+if TYPE_CHECKING:
+    import numpy as np
+
+STYLE: dict[Any, Any] = {  # matplotlib rc keys (typed there as a Literal of all names)
     "axes.grid": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
@@ -48,10 +51,10 @@ def figure(
 
 def profile(
     ax: Any,
-    x: Sequence[float],
-    y: Sequence[float],
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
     *,
-    label: str,
+    label: str | None,
     predicted: bool = False,
     color: Any = None,
     log: bool = True,

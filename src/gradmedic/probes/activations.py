@@ -221,7 +221,7 @@ class ActivationProbe(Probe):
         out: dict[str, Any] = {}
         for key, s in self._stats.items():
             mean = s.x_sum / s.count
-            var = (s.x_sq / s.count - mean.square()).clamp_min(0)
+            var = (s.x_sq / s.count - mean.square()).clamp_min(0)  # type: ignore[union-attr]
             out[key] = {
                 "kind": s.kind,
                 "units": s.units,

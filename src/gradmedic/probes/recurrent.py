@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +184,7 @@ class RecurrentProbe(Probe):
     def _on_forward(
         self, key: str, module: nn.RNNBase, args: tuple, kwargs: dict, output: Any
     ) -> None:
-        x = args[0] if args else kwargs.get("input")
+        x: Any = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         if isinstance(x, PackedSequence):
             self._warn(key, f"recurrent probe: {key!r} got a PackedSequence; not measured")
@@ -446,7 +446,8 @@ def _run_cell(
         if mode == "LSTM":
             pre = torch.addmm(xi[t], h, w_hh_t)
             i, f, _, o = torch.sigmoid(pre).chunk(4, dim=-1)
-            c = torch.addcmul(f * c, i, torch.tanh(pre[:, 2 * hidden : 3 * hidden]))
+            c_prev = cast(torch.Tensor, c)  # an LSTM always carries a cell state
+            c = torch.addcmul(f * c_prev, i, torch.tanh(pre[:, 2 * hidden : 3 * hidden]))
             h = o * torch.tanh(c)
             if w_hr is not None:
                 h = F.linear(h, w_hr)

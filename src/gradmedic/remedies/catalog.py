@@ -3,6 +3,11 @@
 Detectors build their ranked remedy lists from these, so every Finding names a
 real gradmedic call with arguments that fit the model at hand, and the repair
 search (:mod:`gradmedic.autorepair`) can map ``Remedy.name`` back to code.
+
+Every ``Remedy.call`` runs as pasted into an ordinary training script (names
+``model``, ``optimizer``, ``batch``, ``torch``, ``nn``, ``gradmedic`` in scope):
+calls that return a new model rebind it (``model = gradmedic.surgery...``), and
+remedies for a loop without an optimizer name the loop's own learning rate.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def swap_activation(old: str, new: str, why: str = "") -> Remedy:
     return Remedy(
         f"swap_{new.lower()}",
         _join(f"Replace {old} by {new}", why),
-        f"gradmedic.surgery.swap_activations(model, {{nn.{old}: nn.{new}}})",
+        f"model = gradmedic.surgery.swap_activations(model, {{nn.{old}: nn.{new}}})",
         {"mapping": {old: new}},
     )
 
@@ -42,7 +47,7 @@ def normalization(kind: str = "batch", why: str = "") -> Remedy:
     return Remedy(
         f"{kind}_norm",
         _join(f"Insert {kind} normalization after each Linear/Conv layer", why),
-        f"gradmedic.surgery.add_normalization(model, kind={kind!r})",
+        f"model = gradmedic.surgery.add_normalization(model, kind={kind!r})",
         {"kind": kind},
     )
 
@@ -52,7 +57,7 @@ def residual(why: str = "") -> Remedy:
     return Remedy(
         "residual",
         _join("Add residual (identity) connections around shape-preserving blocks", why),
-        "gradmedic.surgery.residualize(model)",
+        "model = gradmedic.surgery.residualize(model)",
         {},
     )
 
@@ -87,21 +92,76 @@ def autoclip(percentile: float = 10.0, why: str = "") -> Remedy:
     )
 
 
-def lower_lr(factor: float = 0.1, why: str = "") -> Remedy:
-    """Scale every parameter group's learning rate by ``factor``."""
+def lower_lr(
+    factor: float = 0.1,
+    why: str = "",
+    *,
+    optimizer: bool = True,
+    lr: list[float] | None = None,
+) -> Remedy:
+    """Scale the learning rate by ``factor``.
+
+    Args:
+        factor: The factor.
+        why: The reason.
+        optimizer: False for a loop without an optimizer: the call then scales
+            the loop's own ``lr`` variable.
+        lr: The current learning rate(s), to name the new value.
+    """
+    target = ""
+    if lr:
+        new = sorted({v * factor for v in lr})
+        target = f" (to {', '.join(f'{v:.3g}' for v in new)})"
+    params: dict[str, object] = {"factor": float(factor)}
+    if lr:
+        params["lr"] = [v * factor for v in lr]
+    if optimizer:
+        text = f"Lower the learning rate {1 / factor:.3g}x{target}"
+        call = f"for g in optimizer.param_groups: g['lr'] *= {factor:g}"
+    else:
+        text = (
+            f"Lower the learning rate {1 / factor:.3g}x{target} (no optimizer was given to the "
+            "monitor: scale the lr your update uses)"
+        )
+        call = f"lr = lr * {factor:g}  # the lr of your update, e.g. p -= lr * p.grad"
+    return Remedy("lower_lr", _join(text, why), call, params)
+
+
+def warmup(start_factor: float, steps: int, why: str = "", *, optimizer: bool = True) -> Remedy:
+    """Ramp the learning rate linearly from ``start_factor * lr`` to ``lr`` over ``steps``."""
+    text = f"Warm the learning rate up from {start_factor:g}x to 1x over {steps} steps"
+    if optimizer:
+        call = (
+            "scheduler = torch.optim.lr_scheduler.LinearLR("
+            f"optimizer, start_factor={start_factor:g}, total_iters={steps})"
+            "  # and scheduler.step() after each optimizer.step()"
+        )
+    else:
+        call = (
+            f"lr_now = lr * min(1.0, {start_factor:g} + (1 - {start_factor:g}) * step / {steps})"
+            "  # use lr_now in your update at each step"
+        )
     return Remedy(
-        "lower_lr",
-        _join(f"Lower the learning rate {1 / factor:.3g}x", why),
-        f"for g in optimizer.param_groups: g['lr'] *= {factor:g}",
-        {"factor": float(factor)},
+        "warmup",
+        _join(text, why),
+        call,
+        {"start_factor": float(start_factor), "steps": int(steps)},
     )
 
 
-def adaptive_optimizer(why: str = "") -> Remedy:
-    """Switch to Adam, whose per-parameter step size adapts to the gradient scale."""
+def adaptive_optimizer(why: str = "", *, current: str | None = None) -> Remedy:
+    """Switch to Adam, whose per-parameter step size adapts to the gradient scale.
+
+    ``current`` names the optimizer (or ``"none"`` for a manual loop) it replaces.
+    """
+    instead = ""
+    if current == "none":
+        instead = " instead of the manual update (then call optimizer.step())"
+    elif current:
+        instead = f" instead of {current}"
     return Remedy(
         "adaptive_optimizer",
-        _join("Use an adaptive optimizer (Adam, lr=1e-3)", why),
+        _join(f"Use an adaptive optimizer (Adam, lr=1e-3){instead}", why),
         "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
         {"optimizer": "Adam", "lr": 1e-3},
     )
@@ -122,7 +182,7 @@ def gate_recurrent(kind: str = "lstm", why: str = "") -> Remedy:
     return Remedy(
         f"gate_{kind}",
         _join(f"Replace nn.RNN by nn.{kind.upper()} of the same sizes", why),
-        f"gradmedic.surgery.gate_recurrent(model, {kind!r})",
+        f"model = gradmedic.surgery.gate_recurrent(model, {kind!r})",
         {"kind": kind},
     )
 

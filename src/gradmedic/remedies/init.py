@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ def apply(
                 if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
                     nl, slope = getattr(module, "nonlinearity", "tanh"), 0.0
                 init_fn = _kaiming(nl, slope)
-                report.gains[name] = nn.init.calculate_gain(nl, slope)
+                report.gains[name] = nn.init.calculate_gain(nl, slope)  # type: ignore[arg-type]
                 report.details.setdefault("nonlinearity", {})[name] = nl
             else:
                 init_fn, report.gains[name] = _fixed_gain_init(scheme, gain)
@@ -225,7 +225,7 @@ def _nonlinearity(act: nn.Module) -> tuple[str, float]:
 
 
 def _kaiming(nl: str, slope: float) -> InitFn:
-    return lambda w: nn.init.kaiming_normal_(w, a=slope, nonlinearity=nl)
+    return lambda w: nn.init.kaiming_normal_(w, a=slope, nonlinearity=nl)  # type: ignore[arg-type]
 
 
 def _fixed_gain_init(scheme: str, gain: float | None) -> tuple[InitFn, float]:
@@ -295,7 +295,7 @@ def _lsuv(
         with torch.no_grad():
             for _, module in targets:
                 _init_module(module, lambda w: nn.init.orthogonal_(w))
-            scalable = {
+            scalable: dict[nn.Module, str] = {
                 m: n for n, m in targets if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
             }
             for module in _forward_order(model, list(scalable), data):
@@ -305,7 +305,7 @@ def _lsuv(
                     var = float(_output_of(model, module, data).float().var())
                     if not math.isfinite(var) or var <= 0 or abs(var - 1.0) < tol:
                         break
-                    module.weight.div_(math.sqrt(var))
+                    cast(torch.Tensor, module.weight).div_(math.sqrt(var))
                     total /= math.sqrt(var)
                 report.layers.append(name)
                 report.gains[name] = total

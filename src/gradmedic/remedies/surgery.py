@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -31,11 +31,12 @@ __all__ = [
 ]
 
 Factory = Callable[[], nn.Module]
+M = TypeVar("M", bound=nn.Module)  # surgery returns a modified copy of the model's own type
 
 
 def swap_activations(
-    model: nn.Module, mapping: Mapping[type[nn.Module] | str, type[nn.Module] | Factory | str]
-) -> nn.Module:
+    model: M, mapping: Mapping[type[nn.Module] | str, type[nn.Module] | Factory | str]
+) -> M:
     """Replace activation modules by others, e.g. ``{nn.Sigmoid: nn.ReLU}``.
 
     Args:
@@ -81,7 +82,7 @@ def swap_activations(
     return new
 
 
-def add_normalization(model: nn.Module, kind: str = "batch") -> nn.Module:
+def add_normalization(model: M, kind: str = "batch") -> M:
     """Insert a normalization layer after each Linear/Conv layer except the last one.
 
     Rule: every nn.Linear and nn.Conv1d/2d/3d gets a norm right after it, so the norm
@@ -157,7 +158,7 @@ class Residual(nn.Module):
         return x + self.fn(x)
 
 
-def residualize(model: nn.Module) -> nn.Module:
+def residualize(model: M) -> M:
     """Wrap each shape-preserving block inside an nn.Sequential in a :class:`Residual`.
 
     A block starts at a shape-preserving layer (``nn.Linear(d, d)``; a Conv with as many
@@ -189,6 +190,7 @@ def residualize(model: nn.Module) -> nn.Module:
     wrapped = 0
     inner = {id(m.fn) for m in new.modules() if isinstance(m, Residual)}
     for seq in [m for m in new.modules() if isinstance(m, nn.Sequential) and id(m) not in inner]:
+        out: list[nn.Module]
         items, out, i = list(seq), [], 0
         while i < len(items):
             j = i + 1
@@ -299,7 +301,7 @@ def _gated(rnn: nn.RNN, kind: str, forget_bias: float | None) -> nn.Module:
         from gradmedic.remedies.init import forget_gate_bias_
 
         forget_gate_bias_(gated, forget_bias)
-    return LSTMAsRNN(gated)
+    return LSTMAsRNN(cast(nn.LSTM, gated))
 
 
 def _children(root: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -357,13 +359,15 @@ def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
         width = layer.out_features
         norm: nn.Module = nn.BatchNorm1d(width) if kind == "batch" else nn.LayerNorm(width)
     else:
-        width = layer.out_channels
+        conv = cast(nn.modules.conv._ConvNd, layer)  # a Conv1d/2d/3d (_NORMALIZABLE)
+        width = conv.out_channels
         if kind == "layer":
             norm = nn.GroupNorm(1, width)
         else:
             dims = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
-            norm = dims[type(layer)](width)
-    return norm.to(device=layer.weight.device, dtype=layer.weight.dtype)
+            norm = dims[type(conv)](width)
+    weight = cast(torch.Tensor, layer.weight)
+    return norm.to(device=weight.device, dtype=weight.dtype)
 
 
 def _preserves_shape(module: nn.Module) -> bool:

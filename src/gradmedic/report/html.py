@@ -177,7 +177,7 @@ def _checks(numbers: Mapping[str, Any]) -> list[dict[str, Any]]:
     checks = numbers.get("checks")
     if not isinstance(checks, Mapping):
         return []
-    out = []
+    out: list[dict[str, Any]] = []
     for claim, group in checks.items():
         if isinstance(group, Mapping):
             out.extend({"claim": claim, "name": k, "passed": bool(v)} for k, v in group.items())

@@ -1,8 +1,9 @@
 """The rich terminal view of a Diagnosis.
 
-A per-layer bar of ``log10`` of the delta and gradient norms from the input
-side to the output side, then each finding with its evidence and ranked
-remedies.
+A header (status, the root-cause chain, what was recorded and what could not be
+checked), a per-layer bar of ``log10`` of the delta and gradient norms from the
+input side to the output side, then each finding with its episode, evidence and
+ranked remedies.
 
 Example:
     >>> import io
@@ -35,6 +36,17 @@ _STYLE = {Severity.INFO: "blue", Severity.WARNING: "yellow", Severity.CRITICAL: 
 def render_diagnosis(diagnosis: Diagnosis) -> RenderableType:
     """The terminal view of ``diagnosis``: header, per-layer bars, findings."""
     parts: list[RenderableType] = [_header(diagnosis)]
+    for warning in diagnosis.warnings:
+        parts.append(Text(warning, style="yellow"))
+    if diagnosis.chain:
+        steps = " -> ".join(
+            f"{link.problem.value}" + (f" (step {link.step})" if link.step is not None else "")
+            for link in diagnosis.chain
+        )
+        parts.append(Text(f"root cause first: {steps}", style="bold"))
+    cov = render_coverage(diagnosis)
+    if cov is not None:
+        parts.append(cov)
     bars = render_profile(diagnosis)
     if bars is not None:
         parts.append(bars)
@@ -53,10 +65,38 @@ def render_diagnosis(diagnosis: Diagnosis) -> RenderableType:
 
 
 def _header(diagnosis: Diagnosis) -> Text:
+    status = diagnosis.status
+    if status in ("no_records", "nothing_checked"):
+        return Text("gradmedic: nothing diagnosed (not healthy: nothing was looked at)",
+                    style="bold yellow")  # fmt: skip
     if diagnosis.healthy:
         return Text("gradmedic: healthy, no gradient problem found", style="bold green")
     listed = ", ".join(f"{f.problem.value} ({f.severity.value})" for f in diagnosis.findings)
     return Text(f"gradmedic: {len(diagnosis.findings)} finding(s): {listed}", style="bold red")
+
+
+def render_coverage(diagnosis: Diagnosis) -> Text | None:
+    """One dim paragraph: records, record keys, problems not checked, notes."""
+    cov = diagnosis.coverage
+    if cov is None or cov.steps == 0:
+        return None
+    span = f"steps {cov.first_step}-{cov.last_step}" if cov.steps > 1 else f"step {cov.first_step}"
+    keys = ", ".join(f"{k} {n}" for k, n in list(cov.keys.items())[:10])
+    head = f"coverage: {cov.steps} record(s), {span}"
+    if cov.skipped:
+        head += f", {cov.skipped} skipped"
+    if keys:
+        head += f"; keys: {keys}"
+    lines = [head]
+    for problem, why in cov.not_checked.items():
+        lines.append(f"not checked: {problem}: {why}")
+    lines.extend(cov.notes)
+    sug = diagnosis.suggested
+    if diagnosis.findings and sug:
+        if sug.get("clip_norm") is not None:
+            lines.append(f"clip threshold {sug['clip_norm']:.3g}: {sug.get('clip_why', '')}")
+        lines.append(f"learning-rate factor {sug.get('lr_factor', 0):g}: {sug.get('lr_why', '')}")
+    return Text("\n".join(lines), style="dim")
 
 
 def bar(value: float | None, low: float, high: float, width: int = BAR_WIDTH) -> str:
@@ -122,9 +162,17 @@ def render_finding(finding: Finding) -> Panel:
         body.append(Text.assemble(f"{i}. {remedy.description}\n   ", (remedy.call, "cyan")))
     layers = list(finding.layers)
     shown = ", ".join(layers[:6]) + (f" ... ({len(layers)} layers)" if len(layers) > 6 else "")
+    when = ""
+    ep = finding.episode
+    if ep is not None and ep.onset is not None and finding.step is not None:
+        when = f" from step {ep.onset}" if ep.last == ep.onset else f" steps {ep.onset}-{ep.last}"
+        if ep.recovery is not None:
+            when += f", gone at {ep.recovery}"
+    if finding.cause is not None:
+        when += f" (after {finding.cause.value})"
     return Panel(
         Group(*body),
-        title=Text(f"{finding.problem.value} [{finding.severity.value}] {shown}"),
+        title=Text(f"{finding.problem.value} [{finding.severity.value}]{when} {shown}"),
         title_align="left",
         border_style=_STYLE[finding.severity],
     )
@@ -134,6 +182,8 @@ def _short(value: Any) -> str:
     """Evidence values in one line: numbers in 3 digits, dicts summarized."""
     if isinstance(value, bool) or value is None:
         return "" if value is None else str(value)
+    if isinstance(value, list | tuple) and not value:
+        return ""
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, Mapping):

@@ -345,11 +345,16 @@ def propagate(
     for i in range(len(acts)):
         q = sw2[i] * second_moment + sb2[i]
         if qs:
-            d2 = float(gaussian_expectation(lambda x, a=acts[i - 1]: a.derivative(x) ** 2, qs[-1]))
+            d2 = float(gaussian_expectation(_squared(acts[i - 1].derivative), qs[-1]))
             gains.append(math.sqrt(sw2[i] * d2))
         qs.append(q)
-        second_moment = float(gaussian_expectation(lambda x, a=acts[i]: a.fn(x) ** 2, q))
+        second_moment = float(gaussian_expectation(_squared(acts[i].fn), q))
     return Propagation(q=tuple(qs), gains=tuple(gains))
+
+
+def _squared(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> f(x) ** 2`` (binds ``f`` now, unlike a lambda over a loop variable)."""
+    return lambda x: f(x) ** 2
 
 
 def sigmoid_chain_bound(depth: int) -> float:

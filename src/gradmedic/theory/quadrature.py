@@ -35,7 +35,7 @@ def _pdf(z: Array) -> Array:
     return np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def _rule(center: Array, width: Array) -> tuple[Array, Array]:
+def _rule(center: Array, width: Array | float) -> tuple[Array, Array]:
     """Nodes and weights for ``int f(z) pdf(z) dz`` (shape ``center.shape + (4n,)``).
 
     The line is cut at ``center`` (the kink) and at ``center -+ width``: the

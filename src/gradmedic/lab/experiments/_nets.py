@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -38,7 +38,7 @@ def mlp(
         gradmedic.init.apply(model, init)
     for m in model:
         if isinstance(m, nn.Linear) and (std is not None or gain is not None):
-            s = std if std is not None else gain / math.sqrt(m.in_features)
+            s = std if std is not None else cast(float, gain) / math.sqrt(m.in_features)
             nn.init.normal_(m.weight, 0.0, s)
             nn.init.zeros_(m.bias)
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -32,12 +34,12 @@ def clip_run(clip: bool, dataset: data.Dataset, steps: int, eval_every: int, see
     max_after: list[float] = []
 
     def on_step(step: int) -> None:
-        flat = torch.cat([p.grad.flatten() for p in params])
+        flat = torch.cat([cast(torch.Tensor, p.grad).flatten() for p in params])
         max_before.append(float(flat.abs().max()))
         clipped_share.append(float((flat.abs() > THRESHOLD).double().mean()))
         if clip:
             gradmedic.clip_grad_value_(params, THRESHOLD)
-        max_after.append(max(float(p.grad.abs().max()) for p in params))
+        max_after.append(max(float(cast(torch.Tensor, p.grad).abs().max()) for p in params))
 
     curves = train(
         model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import cast
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ def clip_run(mode: str, dataset: data.Dataset, depth: int, steps: int, seed: int
             gradmedic.clip_grad_norm_(params, THRESHOLD)
         elif mode == "value":
             gradmedic.clip_grad_value_(params, THRESHOLD)
-        grads = [p.grad for p in params]
+        grads = [cast(torch.Tensor, p.grad) for p in params]
         after_norm.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
         after_max.append(max(float(g.abs().max()) for g in grads))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -20,7 +23,10 @@ OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
 }
-ACTS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(SLOPE)}
+ACTS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(SLOPE),
+}
 
 
 def killed_net(act: str, x: torch.Tensor, seed: int) -> nn.Sequential:
@@ -33,8 +39,9 @@ def killed_net(act: str, x: torch.Tensor, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     model = _nets.mlp([x.shape[1], WIDTH, 10], ACTS[act])
     with torch.no_grad():
-        top = model[0](x).max(dim=0).values
-        model[0].bias[:KILLED] -= top[:KILLED] + MARGIN
+        first = cast(nn.Linear, model[0])
+        top = first(x).max(dim=0).values
+        first.bias[:KILLED] -= top[:KILLED] + MARGIN
     return model
 
 
@@ -52,7 +59,7 @@ def dead_run(act: str, opt_name: str, dataset: data.Dataset, steps: int, seed: i
 
     def on_step(step: int) -> None:
         if step == 0:
-            g = model[0].weight.grad
+            g = cast(torch.Tensor, model[0].weight.grad)
             first["killed"] = float(g[:KILLED].abs().max())
             first["healthy"] = float(g[KILLED:].abs().max())
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from gradmedic import theory
 from gradmedic.lab import plotting
 from gradmedic.lab.base import LabConfig, Result, experiment, judge_claims
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
@@ -34,7 +36,7 @@ def build(act: str, init: str, width: int, depth: int) -> nn.Sequential:
         elif init == "he":
             nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
         else:
-            nn.init.normal_(linear.weight, std=INITS[init])
+            nn.init.normal_(linear.weight, std=cast(float, INITS[init]))
         mods.append(linear)
         if i < depth - 1:
             mods.append(ACTIVATIONS[act]())
@@ -47,7 +49,7 @@ def measure(model: nn.Sequential, batch: int) -> dict:
     Input ``x ~ N(0, I)``; loss ``sum(z_L * g)`` with ``g ~ N(0, I)``, so ``dL/dz_L = g``.
     Also the share of units with ``phi'(z) < 0.05`` at the middle activation.
     """
-    width = model[0].in_features
+    width = cast(int, model[0].in_features)
     h = torch.randn(batch, width, dtype=torch.float64)
     zs, acts_in = [], []
     for module in model:
@@ -61,7 +63,8 @@ def measure(model: nn.Sequential, batch: int) -> dict:
     delta = [float(z.grad.pow(2).sum(1).mean().sqrt()) for z in zs]
     mid = acts_in[len(acts_in) // 2].requires_grad_(True)
     model[1](mid).sum().backward()
-    return {"delta": delta, "saturated_mid": float((mid.grad.abs() < 0.05).double().mean())}
+    mid_grad = cast(torch.Tensor, mid.grad)
+    return {"delta": delta, "saturated_mid": float((mid_grad.abs() < 0.05).double().mean())}
 
 
 def predict(model: nn.Sequential) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from gradmedic.lab.train import train
 
 NAME = "relu_family"
 TITLE = "ReLU family vs sigmoid and tanh in a 10-layer net: slopes, gradient, training"
-ACTS = {
+ACTS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "relu": nn.ReLU,

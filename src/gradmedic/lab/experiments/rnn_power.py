@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gradmedic.lab import plotting
@@ -38,16 +40,16 @@ def run(config: LabConfig) -> Result:
     rng = np.random.RandomState(BOOK_SEED + config.seed)
     w_big = rng.randn(H, H)
     cases = {"randn": w_big, "randn * 0.5": w_big * 0.5}
-    ref = {}
+    ref: dict[str, dict[str, Any]] = {}
     for name, w in cases.items():
-        norms = dh_norms(w)
+        series = dh_norms(w)
         s_max, rho = rates(w)
         ref[name] = {
-            "norms": norms,
+            "norms": series,
             "sigma_max": s_max,
             "spectral_radius": rho,
-            "grows": norms[-1] > norms[0],
-            "late_rate": late_rate(norms),
+            "grows": series[-1] > series[0],
+            "late_rate": late_rate(series),
         }
 
     # Which quantity predicts growth vs decay? Random 3x3 matrices over a range of scales.
@@ -56,9 +58,9 @@ def run(config: LabConfig) -> Result:
     w = rng.randn(n_mat, H, H) * np.exp(rng.uniform(np.log(0.2), np.log(2.0), (n_mat, 1, 1)))
     dh = np.ones((n_mat, N, H))
     norms = np.empty((n_mat, steps))
-    for t in range(steps):  # the book's loop, for all matrices at once
+    for step in range(steps):  # the book's loop, for all matrices at once
         dh = dh @ np.swapaxes(w, 1, 2)
-        norms[:, t] = np.sqrt(np.sum(dh**2, axis=(1, 2))) / N
+        norms[:, step] = np.sqrt(np.sum(dh**2, axis=(1, 2))) / N
     s_maxes = np.linalg.norm(w, 2, axis=(1, 2))
     rhos = np.max(np.abs(np.linalg.eigvals(w)), axis=1)
     grew = norms[:, -1] > norms[:, 0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 
@@ -38,7 +40,7 @@ def chain_grad(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, target: torch.
     formula = dc_dy * slopes[0]
     for i in range(1, w.shape[1]):
         formula = formula * slopes[i] * w[:, i]
-    return {"autograd": b.grad[:, 0], "formula": formula, "dc_dy": dc_dy}
+    return {"autograd": cast(torch.Tensor, b.grad)[:, 0], "formula": formula, "dc_dy": dc_dy}
 
 
 def explosion_width(w: float) -> float:
@@ -75,7 +77,8 @@ def run(config: LabConfig) -> Result:
         )
 
     rel_err = 0.0
-    ratio = {"uniform": [], "normal": []}  # |dC/db1| / |dC/dy_L| per depth
+    # |dC/db1| / |dC/dy_L| per depth
+    ratio: dict[str, list[np.ndarray]] = {"uniform": [], "normal": []}
     max_bound_ratio = 0.0  # max over |w|<1 chains of |dC/db1| / (|dC/dy_L| 4^-L)
     for depth in depths:
         for kind in ratio:

@@ -1,0 +1,141 @@
+"""What a diagnosis had to go on: records, record keys, problems not checked, and why.
+
+A diagnosis without records is not healthy: nothing was looked at. The warning
+names the likely cause from what the context knows (no monitored layer, no
+optimizer, every step skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradmedic.diagnose.episodes import row_step
+from gradmedic.diagnose.registry import NEEDS
+from gradmedic.diagnose.signals import _num, existing_clip, zero_started
+from gradmedic.findings import Coverage, Problem
+
+Rows = Sequence[Mapping[str, Any]]
+
+# keys whose None value means "measured, nothing found" (a finite step)
+_NONE_IS_DATA = frozenset({"nonfinite_origin"})
+
+
+def key_counts(rows: Rows) -> dict[str, int]:
+    """Record key -> number of records holding a value for it (``step`` left out)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key == "step":
+                continue
+            if value is None and key not in _NONE_IS_DATA:
+                continue
+            if isinstance(value, Mapping | list | tuple) and not value:
+                continue
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
+    """The :class:`~gradmedic.findings.Coverage` of ``rows``."""
+    keys = key_counts(rows)
+    structure = context.get("structure") or {}
+    not_checked: dict[str, str] = {}
+    for problem, needs in NEEDS.items():
+        if any(keys.get(k) for k in needs.keys):
+            continue
+        if needs.keys == ("recurrent",) and "recurrent" in structure and not structure["recurrent"]:
+            continue  # no recurrent module: nothing to check over time
+        not_checked[problem.value] = needs.why
+    notes: list[str] = []
+    losses = [v for r in rows if (v := _num(r.get("loss"))) is not None]
+    if losses and min(losses) <= 0 and Problem.DIVERGENCE.value not in not_checked:
+        not_checked[Problem.DIVERGENCE.value] = (
+            "the loss takes values <= 0: the several-fold rise rule needs a positive loss"
+        )
+    zero = zero_started(rows)
+    if zero:
+        first = {name: row_step(rows[i], i) for name, i in zero.items()}
+        listed = ", ".join(f"{n} (step {s})" for n, s in list(first.items())[:6])
+        notes.append(
+            f"Update ratios of zero-initialized layers are not judged: {listed}"
+            f"{' ...' if len(first) > 6 else ''} had param_norm 0 at an update, where "
+            "||dw||/||w|| is a division by zero, and a parameter grown from 0 has a ratio ~1/k "
+            "after k steps whatever the learning rate."
+        )
+    clip = existing_clip(rows)
+    if clip is not None:
+        notes.append(f"The run clips the global gradient norm at {clip:.3g}.")
+    steps = [row_step(r, i) for i, r in enumerate(rows)]
+    layers = context.get("layers")
+    if layers is not None and not list(layers):
+        not_checked = {p.value: "the model has no monitored layer" for p in NEEDS}
+    checked = tuple(p.value for p in NEEDS if p.value not in not_checked) if rows else ()
+    return Coverage(
+        checked=checked,
+        steps=len(rows),
+        first_step=steps[0] if steps else None,
+        last_step=steps[-1] if steps else None,
+        skipped=skipped,
+        keys=keys,
+        not_checked=not_checked,
+        notes=tuple(notes),
+    )
+
+
+def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
+    """Sentences naming why nothing could be diagnosed (empty when something was).
+
+    Uses what the context knows: the monitored layers (``context["layers"]``),
+    the optimizer (``context["optimizer"]``, None for a loop without one) and the
+    monitor's own counts (``context["monitor"] = {"steps_seen", "records",
+    "skipped_steps", "optimizer", ...}``, as ``Monitor.coverage()`` gives them).
+    """
+    layers = context.get("layers")
+    found = context.get("monitor")
+    monitor: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    no_layers = layers is not None and not list(layers)
+    if no_layers:
+        return [
+            "Nothing to diagnose: the model has no parameter that requires grad, so no layer "
+            "is monitored (is it frozen, or are its tensors plain attributes instead of "
+            "nn.Parameter?)."
+        ]
+    if cov.steps == 0:
+        if cov.skipped:
+            return [
+                f"Nothing to diagnose: all {cov.skipped} recorded iteration(s) were skipped "
+                "(the optimizer step did not run: a GradScaler found inf/NaN every time)."
+            ]
+        seen = monitor.get("steps_seen")
+        has_opt = monitor.get("optimizer")
+        if has_opt is None and "optimizer" in context:
+            has_opt = context["optimizer"] is not None
+        if isinstance(seen, int) and seen > 0:
+            return [
+                f"Nothing to diagnose: the monitor saw {seen} step(s) but recorded none "
+                "(its `every` schedule skipped them all)."
+            ]
+        if has_opt is False:
+            return [
+                "Nothing to diagnose: no step was recorded. This monitor has no optimizer, so "
+                "it records at monitor.step(): call monitor.step(loss=loss) after each "
+                "loss.backward() (or pass the optimizer to watch())."
+            ]
+        if has_opt is True:
+            return [
+                "Nothing to diagnose: no step was recorded. The monitor records at "
+                "optimizer.step(), which never ran while it was active (was the loop inside "
+                "the `with gradmedic.watch(...)` block, with the optimizer given to watch()?)."
+            ]
+        return [
+            "Nothing to diagnose: no step was recorded. Without an optimizer the monitor "
+            "records at monitor.step(): call it after each loss.backward(); with one, records "
+            "are taken at optimizer.step() (was it called under the monitor?)."
+        ]
+    if cov.checked is not None and not cov.checked:
+        return [
+            f"Nothing to diagnose: {cov.steps} record(s) but none holds a gradient statistic, "
+            "a loss or an update ratio (no parameter received a gradient, or every probe is off)."
+        ]
+    return []
