@@ -47,7 +47,7 @@ def test_theory_critical_and_activation_parameters():
 def test_theory_bad_input_is_one_line_without_traceback():
     for args, text in [
         (["-a", "swishy"], "unknown activation 'swishy'"),
-        (["--sigma-w", "-1"], "sigma_w must be a finite number >= 0"),
+        (["--sigma-w", "-1"], "sigma_w must be a finite number > 0"),
         (["--sigma-b", "-0.5"], "sigma_b must be a finite number >= 0"),
         (["--depth", "0"], "depth must be an integer >= 1"),
         (["-a", "relu", "--slope", "0.1"], "does not take parameters"),

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 import gradmedic
+from gradmedic.cli.errors import set_debug
 
 app = typer.Typer(
     name="gradmedic",
@@ -15,6 +16,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog="Exit status: 0 healthy, 1 findings, 2 bad usage or input, 3 your code raised "
+    "(its file, factory or forward; one line naming file:line, --debug for the traceback), "
+    "4 a gradmedic bug.",
 )
 
 # One module per command; each defines ``register(app)``.
@@ -41,8 +45,16 @@ def _root(
             "--version", callback=_version, is_eager=True, help="Show the version and exit."
         ),
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="On an error, print the full traceback (also: GRADMEDIC_DEBUG=1).",
+        ),
+    ] = False,
 ) -> None:
     """Find, explain and fix vanishing and exploding gradients in PyTorch."""
+    set_debug(debug)
 
 
 for _name in COMMANDS:
@@ -54,5 +66,5 @@ for _name in COMMANDS:
 
 
 def main() -> None:
-    """Entry point of the ``gradmedic`` script."""
-    app()
+    """Entry point of the ``gradmedic`` script (and of ``python -m gradmedic``)."""
+    app(prog_name="gradmedic")

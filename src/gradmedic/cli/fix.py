@@ -6,7 +6,9 @@ returns a :class:`gradmedic.autorepair.Setup` (or a dict with its keys:
 ``optimizer``, ``metric``, ``batch_size``).
 
 Exit status: 0 when repaired or healthy, 1 when no candidate was accepted, 2
-when the command could not run (bad arguments, a factory that fails to load).
+for bad arguments or input (a target that names no factory, a bad setup), 3 when
+the user's code raised (the file, the factory, or training the original setup:
+a model that does not fit its data).
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from gradmedic.autorepair import Budget, Setup, repair
+        from gradmedic.autorepair.search import STRATEGIES
         from gradmedic.cli.loading import load_factory
 
         err = Console(stderr=True)
         with user_errors():
             budget = Budget(steps=steps, seconds=seconds, total_seconds=total_seconds)
-            setup = Setup.from_any(load_factory(target)())
-            with _ProgressBar(err, max_candidates, quiet=as_json) as report:
+            if strategy not in STRATEGIES:  # checked before the factory runs
+                raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
+            if max_candidates < 0:
+                raise ValueError(f"--max-candidates must be >= 0, got {max_candidates}")
+            factory = load_factory(target)
+            setup = Setup.from_any(factory())
+            with (
+                _ProgressBar(err, max_candidates, quiet=as_json) as report,
+                factory.user_code(),
+            ):
                 result = repair(
                     setup,
                     budget=budget,
@@ -104,7 +115,7 @@ class _ProgressBar:
         self.bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: Any) -> None:

@@ -44,7 +44,8 @@ def lab(
     """Reproduce every claim of the source material and write an HTML report.
 
     Exit status: 0 when every experiment ran (whatever its verdict), 1 when an
-    experiment failed, 2 for a usage error.
+    experiment failed, 2 for a usage error (an unknown experiment, a missing
+    MNIST folder, an --out folder that cannot be written).
     """
     from gradmedic.lab import data, runner
     from gradmedic.lab.base import LabConfig, Verdict
@@ -58,6 +59,7 @@ def lab(
             return
         if mnist is not None:
             data.mnist(mnist)  # fail now, not in the middle of the run
+        check_writable(out)  # and not after it
         config = LabConfig(quick=quick, seed=seed, mnist_dir=None if mnist is None else str(mnist))
         columns = (
             SpinnerColumn(),
@@ -88,6 +90,44 @@ def lab(
     )
     if any(r.verdict is Verdict.ERROR for r in results):
         raise typer.Exit(code=1)
+
+
+def check_writable(folder: Path) -> None:
+    """Raise GradmedicError unless a report can be written into ``folder``.
+
+    Creates the folder (and its parents) if needed, writes and deletes a probe
+    file, then removes the folders it created, so a refused or failed run
+    leaves nothing behind.
+    """
+    import os
+
+    from gradmedic.errors import GradmedicError
+
+    created: list[Path] = []
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".gradmedic-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.strerror and exc.filename and Path(exc.filename) != folder:
+            reason += f": {exc.filename}"
+        raise GradmedicError(
+            f"--out {folder} cannot be written ({reason}): pass a folder you can write to"
+        ) from None
+    finally:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                continue
 
 
 def _print_list(console: Console, experiments: list[Experiment]) -> None:

@@ -10,6 +10,43 @@ import typer
 
 from gradmedic.cli.errors import user_errors
 
+#: The deepest stack ``--depth`` accepts (the ratio is computed layer by layer: ~0.1 ms each).
+MAX_DEPTH = 100_000
+
+
+def _validate(
+    sigma_w: float,
+    sigma_b: float,
+    depth: int,
+    q0: float,
+    slope: float | None,
+    alpha: float | None,
+) -> None:
+    """Refuse parameters the theory does not cover, before any computation."""
+    if not math.isfinite(sigma_w) or sigma_w <= 0:
+        raise ValueError(
+            f"--sigma-w: sigma_w must be a finite number > 0 (Var(W) = sigma_w^2 / fan_in; "
+            f"0 is all-zero weights), got {sigma_w:g}"
+        )
+    if not math.isfinite(sigma_b) or sigma_b < 0:
+        raise ValueError(
+            f"--sigma-b: sigma_b must be a finite number >= 0 (a standard deviation), "
+            f"got {sigma_b:g}"
+        )
+    if depth < 1:
+        raise ValueError(f"--depth: depth must be an integer >= 1, got {depth}")
+    if depth > MAX_DEPTH:
+        raise ValueError(
+            f"--depth: depth must be at most {MAX_DEPTH:,} (deeper stacks follow from xi_grad "
+            f"and the gain per layer), got {depth:,}"
+        )
+    if not math.isfinite(q0) or q0 <= 0:
+        raise ValueError(f"--q0: q0 must be a finite number > 0 (a variance), got {q0:g}")
+    if slope is not None and not math.isfinite(slope):
+        raise ValueError(f"--slope: the leaky_relu slope must be a finite number, got {slope:g}")
+    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"--alpha: the elu alpha must be a finite number > 0, got {alpha:g}")
+
 
 def _fmt(value: float) -> str:
     if math.isnan(value):
@@ -29,23 +66,27 @@ def theory(
         ),
     ] = "tanh",
     sigma_w: Annotated[
-        float, typer.Option("--sigma-w", help="Weight scale: Var(W) = sigma_w^2 / fan_in.")
+        float, typer.Option("--sigma-w", help="Weight scale (> 0): Var(W) = sigma_w^2 / fan_in.")
     ] = 1.0,
     sigma_b: Annotated[float, typer.Option("--sigma-b", help="Bias standard deviation.")] = 0.0,
-    depth: Annotated[int, typer.Option("--depth", help="Number of layers.")] = 50,
+    depth: Annotated[int, typer.Option("--depth", help="Number of layers (1 to 100000).")] = 50,
     q0: Annotated[
         float, typer.Option("--q0", help="Input variance (start of the variance map).")
     ] = 1.0,
     slope: Annotated[
         float | None, typer.Option("--slope", help="Negative slope of leaky_relu.")
     ] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="Alpha of elu.")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Alpha of elu (> 0).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Mean-field prediction: q*, chi, per-layer gradient gain, depth scales, verdict."""
+    """Mean-field prediction: q*, chi, per-layer gradient gain, depth scales, verdict.
+
+    Exit status: 0, or 2 for parameters the theory does not cover.
+    """
     from gradmedic.theory import get_activation, summarize
 
     with user_errors():
+        _validate(sigma_w, sigma_b, depth, q0, slope, alpha)
         params: dict[str, Any] = {}
         if slope is not None:
             params["slope"] = slope
