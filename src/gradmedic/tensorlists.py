@@ -19,17 +19,23 @@ def foreach_norms(
     norm_type: float = 2.0,
     foreach: bool | None = None,
     upcast: bool = False,
+    wide: bool = False,
 ) -> list[torch.Tensor]:
     """Per-tensor ``norm_type`` norms, in input order, exactly as torch's clipping computes them.
 
     One ``torch._foreach_norm`` per (device, dtype) group; half-precision inputs give
     half-precision norms, as in :func:`torch.nn.utils.get_total_norm`, unless ``upcast``
-    (then they are reduced and returned in float32).
+    (then they are reduced and returned in float32). ``wide`` reduces and returns them
+    in float64, whose range holds the square of every float32 value: the norm of a
+    finite float32 gradient then neither overflows (entries near 1e28) nor underflows
+    to zero (entries near 1e-26), which a float32 sum of squares does.
     """
     out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
     for idx, members, device in indexed_groups(grads):
         dtype = members[0].dtype
         acc = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else None
+        if wide and dtype != torch.float64:
+            acc = torch.float64
         norms: Sequence[torch.Tensor]
         if use_foreach(members, device, foreach):
             norms = torch._foreach_norm(members, norm_type, dtype=acc)

@@ -69,7 +69,7 @@ class GradientProbe(Probe):
             tuple(i for i, _ in picked),
             [id(g) for g in grads],
             [g._version for g in grads],
-            foreach_norms(grads, upcast=True),
+            foreach_norms(grads, wide=True),
         )
 
     def changed_since_snapshot(self) -> bool:
@@ -151,7 +151,7 @@ class GradientProbe(Probe):
             lookup = dict(zip(ids, norms, strict=True))
             if all(id(g) in lookup for g in grads):
                 return [lookup[id(g)] * scale for g in grads]
-        return foreach_norms(grads, upcast=True)
+        return foreach_norms(grads, wide=True)
 
     def detach(self) -> None:
         """Nothing to remove."""
