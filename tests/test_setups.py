@@ -213,7 +213,8 @@ def test_transformer_lm_at_a_too_large_lr_diverges_and_is_not_vanishing():
     assert Problem.DIVERGENCE in d.problems
     assert not d.problems & {Problem.VANISHING, Problem.EXPLODING}
     f = d.by_problem("divergence")[0]
-    assert f.evidence["loss_ratio"] >= 3 and f.evidence["existing_clip"] == pytest.approx(0.25, rel=1e-5)
+    assert f.evidence["loss_ratio"] >= 3
+    assert f.evidence["existing_clip"] == pytest.approx(0.25, rel=1e-5)
     first = f.remedies[0]
     assert first.name == "lower_lr" and first.call.startswith("lr = lr * ")  # no optimizer
     assert not any(r.name == "clip_norm" for g in d.findings for r in g.remedies)
