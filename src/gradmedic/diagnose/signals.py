@@ -111,15 +111,30 @@ def zero_started(rows: Rows) -> dict[str, int]:
 
 
 def ratios(row: Mapping[str, Any], index: int, zero: Mapping[str, int]) -> dict[str, float]:
-    """The record's update ratios without the layers set aside as zero-initialized."""
+    """The record's update ratios without the layers set aside as zero-initialized.
+
+    A non-finite ratio on a record whose gradients are already non-finite (a NaN
+    batch, a NaN made in the forward pass) says nothing about the step size: it is
+    the non-finite problem's consequence, and is left out. With finite gradients a
+    non-finite update is a step that overflowed, and counts as infinite.
+    """
+    bad_grads = not _grads_finite(row)
     out = {}
     for name, v in (row.get("update_ratio") or {}).items():
         if name in zero and index >= zero[name]:
             continue
         x = _num(v)
-        if x is not None:
+        if x is not None and not (bad_grads and not math.isfinite(x)):
             out[name] = x
     return out
+
+
+def _grads_finite(row: Mapping[str, Any]) -> bool:
+    total = _num(row.get("global_grad_norm"))
+    if total is not None and not math.isfinite(total):
+        return False
+    counts = row.get("grad_nonfinite") or {}
+    return not any((_num(c) or 0) > 0 for c in counts.values())
 
 
 def largest(values: Mapping[str, float]) -> tuple[str, float]:

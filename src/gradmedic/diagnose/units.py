@@ -27,18 +27,16 @@ def unit_series(
 ) -> list[tuple[int, dict[str, dict[str, Any]]]]:
     """``(row index, unit_stats)`` at every record with activation statistics.
 
-    Each uses the median over the ``window`` such records ending there; the
-    first ``window - 1`` records are not judged (a median of fewer records
-    would let one silent batch count), unless the run has fewer than
-    ``window`` of them, in which case the judgement waits for them all.
+    Each uses the median over the (up to) ``window`` such records ending there.
+    The first records are judged on the fewer records there are: the probe is
+    sampled (one step in 20 by default), so waiting for a full window would date
+    a problem present from the first step ``window`` samples late, and the
+    preflight ``check()`` judges one batch just the same.
     """
     indexed = [(i, r) for i, r in enumerate(rows) if r.get("activations")]
-    need = min(window, len(indexed))
     out: list[tuple[int, dict[str, dict[str, Any]]]] = []
-    if not need:
-        return out
-    for k in range(need - 1, len(indexed)):
-        chosen = [r for _, r in indexed[k - need + 1 : k + 1]]
+    for k in range(len(indexed)):
+        chosen = [r for _, r in indexed[max(0, k - window + 1) : k + 1]]
         out.append((indexed[k][0], _median_stats(chosen)))
     return out
 
