@@ -147,9 +147,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
     ap.add_argument("--models", nargs="+", default=["mlp", "transformer", "thin"])
+    ap.add_argument(
+        "--early",
+        action="store_true",
+        help="keep the early phase (update ratios on each of the first 20 recorded steps); "
+        "by default the steady state is measured",
+    )
     args = ap.parse_args()
     global clock
     clock = CLOCK[args.clock]
+    if not args.early:
+        # Steady state: a monitor measures every update of its first 20 recorded steps,
+        # which a 10-step round would otherwise be made of entirely.
+        import gradmedic.monitor
+
+        gradmedic.monitor.EARLY_UPDATES = 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_SILENT", "true")
     configs = {

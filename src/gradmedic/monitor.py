@@ -50,6 +50,10 @@ Schedule = Callable[[int], bool]
 #: Default sampling of the costly probes, one step in this many (the first included):
 #: with it, watch() checks every problem gradmedic knows at a few percent of a step.
 DEFAULT_SAMPLING = {"activations": 20, "recurrent": 20}
+#: Update ratios are measured on every one of the first this many recorded steps.
+EARLY_UPDATES = 20
+#: ... and on any step whose global gradient norm is this many times its running level.
+NORM_JUMP = 10.0
 
 _ACTIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
@@ -82,7 +86,8 @@ class Monitor:
         deltas: Record ||dL/d(layer output)|| and max |output| per layer.
         updates: Record parameter norms and update ratios ||dw|| / ||w||.
         update_every: Measure updates on one recorded step in this many (a
-            measurement copies the parameters once).
+            measurement copies the parameters once); the first 20 recorded steps
+            and any step whose gradient norm jumped 10x are measured too.
         activations: Record dead and saturated units of activation modules:
             an int ``n`` samples one step in ``n`` (the first one included),
             True every recorded step, False never.
@@ -142,6 +147,7 @@ class Monitor:
         self.skipped = 0  # iterations whose backward pass was not followed by a step
         self._recorded = 0
         self._backward_done = False
+        self._norm_level: float | None = None
         self._loss_scale: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
@@ -317,7 +323,29 @@ class Monitor:
         return not self.disabled and not self.closed and self._schedule(self.steps)
 
     def _samples_updates(self) -> bool:
-        return self._updates is not None and self._recorded % self.update_every == 0
+        """Measure this step's update: early in the run, on schedule, or after a norm jump.
+
+        The first ``EARLY_UPDATES`` recorded steps are all measured (a blow-up often
+        starts there), then one in ``update_every``, and any step whose global
+        gradient norm jumped ``NORM_JUMP`` times above the running level, the step
+        that starts a blow-up.
+        """
+        if self._updates is None:
+            return False
+        if self._recorded < EARLY_UPDATES or self._recorded % self.update_every == 0:
+            return True
+        total, level = self._gradients.last_total, self._norm_level
+        return total is not None and level is not None and total > NORM_JUMP * level
+
+    def _track_norm_level(self) -> None:
+        """A running geometric mean of recorded global norms (the jump rule's reference)."""
+        total = self._gradients.last_total
+        if total is None or not math.isfinite(total) or total <= 0:
+            return
+        if self._norm_level is None:
+            self._norm_level = total
+        else:
+            self._norm_level = math.exp(0.9 * math.log(self._norm_level) + 0.1 * math.log(total))
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         if not self._recording():
@@ -352,7 +380,9 @@ class Monitor:
 
     def _grads_ready(self) -> None:
         self._guarded(self._collect)
-        if self._samples_updates():
+        sample = self._samples_updates()
+        self._track_norm_level()
+        if sample:
             self._guarded(self._updates.before)  # type: ignore[union-attr]
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -365,6 +395,7 @@ class Monitor:
             self._updates.after()
         if self._recording():
             self._collect()
+            self._track_norm_level()
         self._finish_step()
         # Snapshot now so the next step() measures one update, if that step is recorded.
         if self._updates is not None and self._recording() and self._samples_updates():
@@ -484,7 +515,7 @@ class Monitor:
                 vals = row[key]
                 row[key] = {n: vals[n] for n in order if n in vals}
         backward = row.pop("_backward_order", [])
-        row.pop("_grads_finite", None)
+        grads_finite = row.pop("_grads_finite", True)
         clip = row.get("clip")
         if isinstance(clip, dict) and "pre_norm" in clip and "kind" not in clip:
             # Gradients changed between backward and step; only a real reduction is clipping.
@@ -495,7 +526,7 @@ class Monitor:
                 del row["clip"]  # changed (loss unscaling) but not clipped
         elif isinstance(clip, dict) and "clipped" in clip:
             clip["clipped"] = bool(clip["clipped"])
-        row["nonfinite_origin"] = _nonfinite_origin(row, order, backward)
+        row["nonfinite_origin"] = _nonfinite_origin(row, order, backward, bool(grads_finite))
         return row
 
     def _fix_order(self) -> None:
@@ -638,13 +669,17 @@ def _clip_field(info: dict[str, Any] | None, data: dict[str, Any]) -> dict[str, 
 
 
 def _nonfinite_origin(
-    row: dict[str, Any], order: Sequence[str], backward: Sequence[str]
+    row: dict[str, Any], order: Sequence[str], backward: Sequence[str], grads_finite: bool = False
 ) -> dict[str, Any] | None:
     step = row.get("step")
     out_max = row.get("output_max", {})
     for name in order:
         if name in out_max and not math.isfinite(out_max[name]):
             return {"layer": name, "where": "forward", "step": step}
+    if grads_finite:
+        # A NaN/Inf delta makes every gradient below it NaN/Inf too; an inf delta norm
+        # with finite gradients is a float32 sum of squares that overflowed.
+        return None
     deltas = row.get("delta_norm", {})
     for name in backward:
         if name in deltas and not math.isfinite(deltas[name]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ class GradientProbe(Probe):
         self.index: LayerIndex | None = None
         self._offered: tuple[list[int], list[torch.Tensor], torch.Tensor] | None = None
         self._snapshot: _Snapshot | None = None
+        #: The global norm of the last collected step, on the host.
+        self.last_total: float | None = None
         #: Set by the monitor before :meth:`collect`: the GradScaler's scale, if any.
         self.loss_scale: torch.Tensor | None = None
 
@@ -69,7 +72,7 @@ class GradientProbe(Probe):
             tuple(i for i, _ in picked),
             [id(g) for g in grads],
             [g._version for g in grads],
-            foreach_norms(grads, wide=True),
+            foreach_norms(grads, upcast=True),
         )
 
     def changed_since_snapshot(self) -> bool:
@@ -118,20 +121,29 @@ class GradientProbe(Probe):
                 pre = stack_on(snap.norms, device)
                 if self.loss_scale is not None:
                     pre = pre / self.loss_scale.to(device=device, dtype=pre.dtype)
+        # One host read per recorded step (the global norm and the smallest norm):
+        # it tells whether a float32 sum of squares overflowed or underflowed, and
+        # the monitor uses the norm to measure the update of a step whose norm jumped.
+        total = l2.square().sum().sqrt()
+        self.last_total, smallest = torch.stack([total, l2.min()]).tolist()
+        if not math.isfinite(self.last_total) or smallest == 0:
+            # Rare: entries near 1e28 overflow the squares, near 1e-26 underflow them.
+            # float64 holds the square of every float32; read the gradients again in it.
+            l2 = stack_on(foreach_norms(grads, wide=True), device)
+            total = l2.square().sum().sqrt()
+            self.last_total = float(total)
         inf = abs_maxes(grads, device)
         names, seg = index.segments(tuple(pos), device)
         layer_l2 = segment_sqrt_sum_sq(l2, seg, len(names))
         layer_max = segment_max(inf, seg, len(names))
-        total = l2.square().sum().sqrt()
         out: dict[str, Any] = {
             "grad_norm": NamedVector(names, layer_l2),
             "grad_max": NamedVector(names, layer_max),
             "param_grad_norm": NamedVector(tuple(index.param_names[i] for i in pos), l2),
             "global_grad_norm": total,
         }
-        # One host read per recorded step: counting bad elements needs another pass,
-        # which only a non-finite step pays.
-        finite = bool(torch.isfinite(total))
+        # Counting bad elements needs another pass, which only a non-finite step pays.
+        finite = math.isfinite(self.last_total)
         counts = torch.zeros(len(names), dtype=torch.long, device=device)
         if not finite:
             bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).to(device)
@@ -151,7 +163,7 @@ class GradientProbe(Probe):
             lookup = dict(zip(ids, norms, strict=True))
             if all(id(g) in lookup for g in grads):
                 return [lookup[id(g)] * scale for g in grads]
-        return foreach_norms(grads, wide=True)
+        return foreach_norms(grads, upcast=True)
 
     def detach(self) -> None:
         """Nothing to remove."""

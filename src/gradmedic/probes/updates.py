@@ -57,8 +57,8 @@ class UpdateProbe(Probe):
             params = [index.params[i].detach() for i in self._positions]
             diffs = torch._foreach_sub(params, snap)
             device = params[0].device
-            upd = stack_on(foreach_norms(diffs, wide=True), device)
-            old = stack_on(foreach_norms(snap, wide=True), device)
+            upd = stack_on(foreach_norms(diffs, upcast=True), device)
+            old = stack_on(foreach_norms(snap, upcast=True), device)
         names, seg = index.segments(self._positions, device)
         upd_l = segment_sqrt_sum_sq(upd, seg, len(names))
         par_l = segment_sqrt_sum_sq(old, seg, len(names))
