@@ -127,15 +127,13 @@ class Monitor:
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
         act_every = _sampling("activations", activations)
         rec_every = _sampling("recurrent", recurrent)
-        spec_every = _sampling("spectra", spectra)
         # A torch.compile wrapper: watch the module it compiles (layer names without
         # "_orig_mod."), and keep the wrapper, whose own hooks run outside the graph.
         outer = model
         model = _compiled_inner(model)
         self._schedule = _as_schedule(every)
         self.update_every = _positive_int("update_every", update_every)
-        if spectra is True:
-            spec_every = self.update_every
+        spec_every = self.update_every if spectra is True else _sampling("spectra", spectra)
         self.history = History(history)
         self.model = model
         self.optimizer = optimizer
@@ -424,17 +422,15 @@ class Monitor:
 
     def _note_missing(self, data: dict[str, Any]) -> None:
         """Say once when a probe that is on gathered nothing although gradients exist."""
-        if "grad_norm" not in data:
-            return
-        for probe in self.probes:
-            if isinstance(probe, DeltaProbe) and "delta_norm" not in data:
-                self._warn_once(
-                    "deltas",
-                    "gradmedic: no per-layer deltas (dL/d output) or output maxima were "
-                    "recorded: the forward pass ran inside a torch.compile graph (or not "
-                    "through the monitored modules). Gradient norms, updates and the "
-                    "diagnosis from them are still recorded.",
-                )
+        deltas_on = any(isinstance(p, DeltaProbe) for p in self.probes)
+        if deltas_on and "grad_norm" in data and "delta_norm" not in data:
+            self._warn_once(
+                "deltas",
+                "gradmedic: no per-layer deltas (dL/d output) or output maxima were "
+                "recorded: the forward pass ran inside a torch.compile graph (or not "
+                "through the monitored modules). Gradient norms, updates and the "
+                "diagnosis from them are still recorded.",
+            )
 
     def _forward_started(self) -> None:
         """A forward pass begins: drop what an abandoned iteration left behind."""
@@ -449,8 +445,8 @@ class Monitor:
     def _model_output(self, output: Any) -> None:
         """A forward of the whole model returned: keep its loss (HF models return one)."""
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if _is_scalar_loss(loss) and not self.closed:
-            self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        if _is_scalar_loss(loss):
+            self.note_loss(loss)
 
     def _backward_ended(self) -> None:
         self._backward_done = True

@@ -30,12 +30,12 @@ from gradmedic.probes.deltas import first_tensor
 class PassWatch:
     """Calls ``on_forward()`` when ``model`` starts a forward, ``on_backward_end()`` after backward.
 
-    ``on_output(output)`` sees each output of the ``roots`` (the model, or its
-    compiled wrapper). ``modules`` are the model itself and a few of its layers: frameworks such
-    as Lightning never call the model's own ``forward`` (``training_step``
-    calls its submodules), so the input-side and output-side layers stand in.
-    The backward callback fires once per backward pass that reaches the
-    output (first tensor that requires grad) of any of them.
+    ``modules`` are the model itself and a few of its layers: frameworks such as
+    Lightning never call the model's own ``forward`` (``training_step`` calls its
+    submodules), so the input-side and output-side layers stand in. The backward
+    callback fires once per backward pass that reaches the output (first tensor
+    that requires grad) of any of them. ``on_output(output)`` sees each output of
+    the ``roots`` (the model, or its compiled wrapper).
     """
 
     def __init__(

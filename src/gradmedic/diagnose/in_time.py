@@ -221,48 +221,6 @@ def fit_stream(
     )
 
 
-def fit_modules(rows: Rows, config: Any) -> dict[str, list[TimeFit]]:
-    """Fit every stream of every recurrent module in the latest rows.
-
-    Uses the last ``config.window`` rows holding a module with the latest such
-    row's sequence length (lengths can vary between batches); rows whose profile
-    holds NaN are left to the non-finite detector.
-
-    Returns:
-        ``{module: [TimeFit per stream]}``.
-    """
-    window = int(getattr(config, "window", 5))
-    vanish_ratio = float(getattr(config, "vanishing_gain", 1e-3))
-    latest = {}
-    for row in rows:
-        for module, info in (row.get("recurrent") or {}).items():
-            latest[module] = (row, info)
-    fits: dict[str, list[TimeFit]] = {}
-    for module in latest:
-        # rows whose profile holds NaN belong to the non-finite detector; inf (overflow) stays
-        usable = [
-            (r, r["recurrent"][module])
-            for r in rows
-            if module in (r.get("recurrent") or {}) and not _has_nan(r["recurrent"][module])
-        ]
-        if not usable:
-            continue
-        row, info = usable[-1]
-        seq_len = info.get("seq_len")
-        same = [entry for _, entry in usable if entry.get("seq_len") == seq_len][-window:]
-        step = row.get("step")
-        streams = info.get("streams") or {f"l{int(info.get('num_layers', 1)) - 1}": info}
-        out = []
-        for stream in streams:
-            entries = [s.get("streams", {}).get(stream, s) for s in same]
-            fit = fit_stream(module, stream, entries, info, vanish_ratio, step)
-            if fit is not None:
-                out.append(fit)
-        if out:
-            fits[module] = out
-    return fits
-
-
 @dataclass(frozen=True)
 class TimePoint:
     """The fits of one recurrent module at one record (on its trailing window)."""
@@ -276,9 +234,9 @@ def fit_series(rows: Rows, config: Any, window: int | None = None) -> dict[str, 
     """For every recurrent module, its stream fits at every record that holds it.
 
     Record ``k``'s fits use the last ``window`` usable entries up to ``k`` of
-    the same sequence length (the rule of :func:`fit_modules` at the latest
-    record); ``window=1`` fits each record alone. Entries holding NaN are the
-    non-finite detector's and are skipped.
+    the same sequence length as record ``k``'s (lengths can vary between
+    batches); ``window=1`` fits each record alone. Entries holding NaN are the
+    non-finite detector's and are skipped (inf, an overflow, stays).
     """
     if window is None:
         window = int(getattr(config, "window", 5))

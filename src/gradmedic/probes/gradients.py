@@ -70,8 +70,7 @@ class GradientProbe(Probe):
         grads = [g for _, g in picked]
         self._snapshot = _Snapshot(
             tuple(i for i, _ in picked),
-            [id(g) for g in grads],
-            [g._version for g in grads],
+            tuple((id(g), g._version) for g in (grads[0], grads[-1])),
             foreach_norms(grads, upcast=True),
         )
 
@@ -81,9 +80,10 @@ class GradientProbe(Probe):
         if snap is None or self.index is None:
             return False
         params = self.index.params
-        for k in (0, -1):  # clearing, clipping and unscaling touch every gradient
+        # Clearing, clipping and unscaling touch every gradient: the first and last tell.
+        for k, (ident, version) in zip((0, -1), snap.sentinels, strict=True):
             g = params[snap.positions[k]].grad
-            if g is None or id(g) != snap.ids[k] or g._version != snap.versions[k]:
+            if g is None or id(g) != ident or g._version != version:
                 return True
         return False
 
@@ -176,6 +176,6 @@ class _Snapshot:
     """Per-parameter norms read at the end of a backward pass, and what they were read from."""
 
     positions: tuple[int, ...]
-    ids: list[int]
-    versions: list[int]
+    #: ``(id, version counter)`` of the first and the last gradient.
+    sentinels: tuple[tuple[int, int], ...]
     norms: list[torch.Tensor]
