@@ -31,7 +31,9 @@ def remedies(kind: str) -> list[Remedy]:
 @register(
     Problem.SATURATION,
     needs=("activations",),
-    why="no `activations` key: saturated units not checked (watch(..., activations=True))",
+    why="no `activations` key: saturated units not checked (no activation module such as "
+    "nn.ReLU ran with gradients, e.g. functional torch.relu only, or "
+    "watch(..., activations=False))",
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Bounded activations with ``saturation_fraction`` of near-zero slopes, over the run."""
