@@ -204,7 +204,10 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
         source = f"the update ratio {ratio:.3g} at the first bad record (step {at_bad.step})"
     elif above is not None:
         ratio = above.value
-        source = f"the first update ratio above {healthy:g}: {ratio:.3g} at step {above.step}"
+        source = (
+            f"the update ratio {ratio:.3g} at step {above.step} (the first above the "
+            f"healthy {healthy:g})"
+        )
     if ratio is not None:
         factor = lr_factor(ratio, healthy, bounds)
         lr_why = (
