@@ -38,7 +38,8 @@ def remedies(kind: str, trained: bool, lr: Remedy | None = None) -> list[Remedy]
     Problem.DEAD_UNITS,
     needs=("activations",),
     why="no `activations` key: dead units not checked (no activation module such as nn.ReLU ran "
-    "with gradients, e.g. functional torch.relu only, or watch(..., activations=False))",
+    "with gradients, e.g. functional torch.relu only or inside a torch.compile graph, or "
+    "watch(..., activations=False))",
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Modules with at least ``dead_fraction`` of their units dead, over the run."""

@@ -32,8 +32,8 @@ def remedies(kind: str) -> list[Remedy]:
     Problem.SATURATION,
     needs=("activations",),
     why="no `activations` key: saturated units not checked (no activation module such as "
-    "nn.ReLU ran with gradients, e.g. functional torch.relu only, or "
-    "watch(..., activations=False))",
+    "nn.ReLU ran with gradients, e.g. functional torch.relu only or "
+    "inside a torch.compile graph, or watch(..., activations=False))",
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Bounded activations with ``saturation_fraction`` of near-zero slopes, over the run."""

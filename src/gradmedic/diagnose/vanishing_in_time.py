@@ -154,7 +154,7 @@ def explain(fit: TimeFit, limit: float) -> str:
     Problem.VANISHING_IN_TIME,
     needs=("recurrent",),
     why="no `recurrent` key: gradient over time not checked (no nn.RNN/LSTM/GRU ran with "
-    "gradients, or watch(..., recurrent=False))",
+    "gradients outside a torch.compile graph, or watch(..., recurrent=False))",
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: Any) -> list[Finding]:
     """One finding per recurrent module whose gradient dies out within the sequence."""
