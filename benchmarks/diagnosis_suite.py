@@ -13,7 +13,7 @@ Printed:
   * for each setup, whether ``gradmedic.check()`` at init names the same non-runtime
     problems (vanishing / exploding / dead_units / saturation) as the run;
   * any absurd number in the remedies or the suggested numbers (clip threshold
-    > 1e4 or < 1e-6, lr factor < 1e-3 or > 1);
+    > 1e4 or < 1e-6, lr factor < 1e-3 or > 1, or above 100 when raising);
   * for every miss and false alarm, the recorded evidence (depth-gain fits, update
     ratios, unit fractions, time fits, the loss curve) the detectors saw;
   * every warning gradmedic emitted, and any crash.
@@ -728,7 +728,10 @@ def _clip_bad(v: float) -> bool:
     return not math.isfinite(v) or v > 1e4 or v < 1e-6
 
 
-def _factor_bad(v: float) -> bool:
+def _factor_bad(v: float, raising: bool = False) -> bool:
+    """An lr factor no practitioner would apply: lowering below x1e-3, raising beyond x100."""
+    if raising:
+        return not math.isfinite(v) or v < 1 or v > 100
     return not math.isfinite(v) or v < 1e-3 or v > 1
 
 
@@ -748,14 +751,15 @@ def absurd_numbers(diag: Any) -> list[str]:
             for key in ("max_norm", "clip_value"):
                 if isinstance(p.get(key), int | float) and _clip_bad(float(p[key])):
                     out.append(f"{where}/{r.name}.params.{key}={p[key]:g}")
+            raising = r.name == "raise_lr"
             for key in ("factor", "start_factor"):
-                if isinstance(p.get(key), int | float) and _factor_bad(float(p[key])):
+                if isinstance(p.get(key), int | float) and _factor_bad(float(p[key]), raising):
                     out.append(f"{where}/{r.name}.params.{key}={p[key]:g}")
             for m in _CLIP_CALL.finditer(r.call):
                 if _clip_bad(float(m.group(1))):
                     out.append(f"{where}/{r.name}.call max_norm={m.group(1)}")
             for m in _LR_CALL.finditer(r.call):
-                if _factor_bad(float(m.group(1))):
+                if _factor_bad(float(m.group(1)), raising):
                     out.append(f"{where}/{r.name}.call lr *= {m.group(1)}")
             for m in _CLIP_TEXT.finditer(r.description):
                 if _clip_bad(float(m.group(1).rstrip("."))):

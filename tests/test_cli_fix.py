@@ -123,8 +123,15 @@ def test_repaired_json(factory_file, scripted):
     assert data["status"] == "repaired"
     assert [r["name"] for r in data["remedies"]] == ["clip_norm"]
     # the preflight is healthy: a training-loop remedy goes first
-    assert [c["candidate"] for c in data["candidates"]] == ["original", "#1"]
-    assert [c["accepted"] for c in data["candidates"]] == [False, True]
+    assert data["candidates"][1]["remedies"] == ["clip_norm(1)"]
+    accepted = [c for c in data["candidates"] if c["accepted"]]
+    assert len(accepted) == 1 and accepted[0]["steps"] == 200 and accepted[0]["stage"] == "accepted"
+    # successive halving: short runs first, each row says why it stopped
+    assert data["candidates"][1]["steps"] == 200 // 9
+    assert {c["stage"] for c in data["candidates"][1:]} <= {
+        "halved", "promoted", "passed", "rejected", "accepted", "screened", "not applicable"
+    }  # fmt: skip
+    assert data["steps_spent"] <= data["steps_total"] == 12 * 200
 
 
 def test_unrepaired_exits_1(factory_file, scripted):

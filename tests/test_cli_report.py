@@ -52,3 +52,13 @@ def test_report_truncated_file_keeps_records(tmp_path) -> None:
     result = runner.invoke(app, ["report", str(path), "--json"])
     assert result.exit_code == 1
     assert "vanishing" in result.output
+
+
+def test_report_html_writes_a_run_report(tmp_path) -> None:
+    path = tmp_path / "run.jsonl"
+    _record(path, nn.Sigmoid)
+    result = runner.invoke(app, ["report", str(path), "--html", str(tmp_path / "html")])
+    assert result.exit_code == 1, result.output
+    page = (tmp_path / "html" / "index.html").read_text()
+    assert page.count('<figure class="fig"') >= 3 and 'data-problem="vanishing"' in page
+    assert "report: " in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +114,117 @@ def test_innermost_optimizer_unwraps() -> None:
     with pytest.raises(TypeError, match="Optimizer"):
         innermost_optimizer(Wrapper(object()))
     assert gradmedic.watch  # public API stays importable without the frameworks
+
+
+class _PlModule:
+    """A Lightning module over a sigmoid stack (built lazily: lightning is optional)."""
+
+    @staticmethod
+    def make():
+        pl = pytest.importorskip("lightning.pytorch")
+
+        class Module(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = sigmoid_stack(depth=12)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return nn.functional.mse_loss(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        return pl, Module
+
+
+def _loader():
+    data = torch.utils.data.TensorDataset(torch.randn(96, 16), torch.randn(96, 1))
+    return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+def _events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return acc
+
+
+def test_lightning_logs_to_tensorboard_saves_and_resumes(tmp_path, capsys) -> None:
+    pytest.importorskip("tensorboard")
+    pl, Module = _PlModule.make()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gradmedic.integrations.lightning import GradmedicCallback
+
+    def trainer(max_steps, callback, checkpoint):
+        return pl.Trainer(
+            max_steps=max_steps, accelerator="cpu", log_every_n_steps=2,
+            logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
+            enable_checkpointing=checkpoint, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback],
+        )  # fmt: skip
+
+    sink = tmp_path / "pl.jsonl"
+    first = GradmedicCallback(sink=sink)
+    t1 = trainer(4, first, True)
+    t1.fit(Module(), _loader())
+    _header, rows = load_history(sink)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(isinstance(r.get("loss"), float) for r in rows)  # the training step's loss
+    acc = _events(t1.logger.log_dir)
+    glob = [(e.step, e.value) for e in acc.Scalars("gradmedic/grad_norm/global")]
+    assert [s for s, _ in glob] == [0, 2]  # every log_every_n_steps
+    expected = [rows[0]["global_grad_norm"], rows[2]["global_grad_norm"]]
+    assert [v for _, v in glob] == pytest.approx(expected, rel=1e-6)
+    saved = json.loads((tmp_path / "tb" / "version_0" / "gradmedic-diagnosis.json").read_text())
+    assert "vanishing" in [f["problem"] for f in saved["findings"]]
+    assert "gradmedic: " in capsys.readouterr().err  # the short diagnosis, printed
+
+    # Resume from the checkpoint: the diagnosis covers the whole run, steps continued.
+    (ckpt,) = (tmp_path / "tb" / "version_0" / "checkpoints").glob("*.ckpt")
+    second = GradmedicCallback()
+    trainer(6, second, False).fit(Module(), _loader(), ckpt_path=str(ckpt))
+    assert second.diagnosis is not None and second.diagnosis.coverage.steps == 6
+    assert second.diagnosis.coverage.last_step == 5
+
+
+def test_transformers_series_reach_every_report_to_backend(tmp_path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("tensorboard")
+    from gradmedic.integrations.transformers import GradmedicTrainerCallback
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = sigmoid_stack(depth=12)
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+    data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(64)]
+    sink = tmp_path / "hf.jsonl"
+    callback = GradmedicTrainerCallback(sink=sink)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=16,
+        report_to=["tensorboard"], logging_steps=2,
+        use_cpu=True, save_strategy="no", learning_rate=1e-2, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=Model(), args=args, train_dataset=data, callbacks=[callback]
+    )
+    trainer.train()
+    _header, rows = load_history(sink)
+    assert all(isinstance(r.get("loss"), float) for r in rows)  # the model's returned loss
+    # on_log adds the series to the logs every reporter receives (TensorBoard here)
+    (run_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    points = _events(run_dir).Scalars("train/gradmedic/grad_norm/global")
+    assert [e.step for e in points] == [2, 4]
+    expected = [rows[1]["global_grad_norm"], rows[3]["global_grad_norm"]]
+    assert [e.value for e in points] == pytest.approx(expected, rel=1e-6)
+    saved = json.loads((tmp_path / "out" / "gradmedic-diagnosis.json").read_text())
+    assert "vanishing" in [f["problem"] for f in saved["findings"]]
+    assert "gradmedic: " in capsys.readouterr().err

@@ -187,7 +187,8 @@ def test_result_dict_round_trip_through_json():
     d = json.loads(json.dumps(r.to_dict({"f": "figures/rt-f.svg"})))
     back = Result.from_dict(d)
     assert back.per_claim == r.per_claim and back.verdict is Verdict.PARTLY
-    assert back.numbers == {"a": [1.0, 2.0], "nested": {"b": True}, "inf": "inf"}
+    assert d["numbers"]["inf"] is None and d["nonfinite"] == {"/inf": "inf"}
+    assert back.numbers == {"a": [1.0, 2.0], "nested": {"b": True}, "inf": math.inf}
     assert back.figures == {"f": "figures/rt-f.svg"}
     assert (back.seconds, back.explanation, back.claims) == (1.25, "why", ["K1", "K2"])
     assert back.claim_verdict("K2") is Verdict.FAILS
@@ -357,3 +358,21 @@ def test_a_module_that_fails_to_import_becomes_a_failed_result(tmp_path, monkeyp
     assert results[0].verdict is Verdict.ERROR and "missing thing 7" in results[0].error
     monkeypatch.undo()
     assert "broken_exp_for_test" not in pkg.load_all()
+
+
+def test_inconclusive_is_left_out_of_a_combination_unless_alone():
+    from gradmedic.lab.base import combine
+
+    assert combine([Verdict.HOLDS, Verdict.INCONCLUSIVE]) is Verdict.HOLDS
+    assert combine([Verdict.FAILS, Verdict.INCONCLUSIVE]) is Verdict.FAILS
+    assert combine([Verdict.INCONCLUSIVE, Verdict.INCONCLUSIVE]) is Verdict.INCONCLUSIVE
+    assert combine([Verdict.INCONCLUSIVE, Verdict.ERROR]) is Verdict.ERROR
+    assert combine([Verdict.HOLDS, Verdict.FAILS, Verdict.INCONCLUSIVE]) is Verdict.PARTLY
+
+
+def test_odd_keys_finds_dots_and_slashes_outside_checks():
+    from gradmedic.lab.base import odd_keys
+
+    numbers = {"runs": {"relu/sgd": 1, "ok": [{"lr 0.1": 2}]}, "checks": {"a. b/c": True}}
+    assert odd_keys(numbers) == ["/runs/relu/sgd", "/runs/ok/lr 0.1"]
+    assert odd_keys({"decay_1e-3": {"mean": 1.0}}) == []

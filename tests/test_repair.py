@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -11,8 +10,10 @@ from torch import nn
 
 import gradmedic
 from gradmedic.autorepair import Budget, Setup, TrainOutcome, TrainSettings, repair, search
+from gradmedic.autorepair.appliers import NotApplicable
 from gradmedic.autorepair.examples import BROKEN, adding, digits, healthy_mlp, mlp
-from gradmedic.findings import Diagnosis, Finding, Problem, Severity
+from gradmedic.autorepair.plan import ranked_pool
+from gradmedic.findings import Diagnosis, Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
 # ---- scripted runs: the search logic without training --------------------------------
@@ -41,33 +42,40 @@ DEAD = Finding(Problem.DEAD_UNITS, Severity.WARNING, ["0"], {}, "dead", [catalog
 
 
 class Script:
-    """Fake train/preflight: outcomes looked up by the set of remedy names."""
+    """Fake train/preflight: outcomes looked up by the set of remedy names.
+
+    A value is ``(findings, metric)`` or ``(findings, metric, val_loss)``; a
+    combination not listed keeps the original's finding at metric 0.
+    """
 
     def __init__(self, runs, preflights=None):
         self.runs = {frozenset(k): v for k, v in runs.items()}
-        self.preflights = {frozenset(k): v for k, v in (preflights or {}).items()}
-        self.trained: list[tuple[str, ...]] = []
+        self.preflight_fn = preflights if callable(preflights) else None
+        pre = {} if callable(preflights) else (preflights or {})
+        self.preflights = {frozenset(k): v for k, v in pre.items()}
+        self.trained: list[tuple[tuple[str, ...], int]] = []
 
     def train(self, setup, remedies, *, budget, seed):
         names = tuple(r.name for r in remedies)
-        self.trained.append(names)
-        findings, metric, *rest = self.runs[frozenset(names)]
-        progress = rest[0] if rest else 0.5
-        losses = [1.0] * 10 + [progress] * 10
+        self.trained.append((names, budget.steps))
+        findings, metric, *rest = self.runs.get(frozenset(names), ([VANISH], 0.0))
+        val_loss = rest[0] if rest else 1.0 - metric
         return TrainOutcome(
             nn.Linear(1, 1),
             Diagnosis(list(findings)),
             metric,
-            -metric,
+            val_loss,
             budget.steps,
             0.01,
             False,
             TrainSettings(),
-            losses,
+            [1.0] * 10 + [0.5] * 10,
         )
 
     def preflight(self, setup, remedies=(), *, seed=0):
         names = frozenset(r.name for r in remedies)
+        if callable(self.preflight_fn):
+            return Diagnosis(list(self.preflight_fn(names)))
         return Diagnosis(list(self.preflights.get(names, [])))
 
 
@@ -87,6 +95,7 @@ def score(outputs, targets):
 
 
 def _setup():
+    """Regression on random data, metric ``score`` (always 0: the trivial bar is 0)."""
     x = torch.randn(16, 4)
     return Setup(
         lambda: nn.Sequential(
@@ -98,207 +107,204 @@ def _setup():
     )
 
 
-def test_accepts_first_healthy_candidate_no_worse_and_stops(scripted):
-    script = scripted(
-        {
-            (): ([VANISH], 0.30),
-            ("swap_relu",): ([], 0.25),  # healthy but worse than the original: rejected
-            ("he_init",): ([], 0.60),  # accepted
-            ("batch_norm",): ([], 0.90),  # never tried
-        }
+def _classes_setup():
+    """4 classes; class 2 is 40% of the training and the validation targets."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([2] * 40 + [0] * 30 + [1] * 20 + [3] * 10)
+    y = y[torch.randperm(100, generator=g)]
+    x = torch.randn(100, 4, generator=g)
+    return Setup(
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 4)),
+        ((x, y), (x, y)),
+        nn.CrossEntropyLoss(),
+        metric="accuracy",
     )
-    result = repair(_setup(), budget=Budget(steps=20))
-    assert script.trained == [(), ("swap_relu",), ("he_init",)]
-    assert result.status == "repaired" and result.repaired
-    assert [r.name for r in result.remedies] == ["he_init"]
-    notes = [c.note for c in result.candidates]
-    assert notes[1] == "score 0.25 worse than original's 0.3"
-    assert notes[2] == "accepted"
-    assert result.snippet.endswith("gradmedic.init.apply(model, 'he')")
-    assert result.message == "repaired by he_init (score 0.3 -> 0.6) after 2 candidate(s)"
 
 
-def test_reference_is_the_best_candidate_so_far(scripted):
-    # swap_relu leaves a finding but reaches 0.8: a later healthy 0.6 is not good enough
+def test_best_of_budget_beats_first_acceptable(scripted):
+    # he_init passes and comes first; batch_norm + he_init is better but later in the pool
+    runs = {
+        (): ([VANISH], 0.30),
+        ("he_init",): ([], 0.60),
+        ("swap_relu",): ([SATURATE], 0.20),
+        ("swap_relu", "he_init"): ([SATURATE], 0.25),
+        ("he_init", "batch_norm"): ([], 0.90),
+    }
+    # sick at initialization (structural), and so is every candidate with swap_relu
+    script = scripted(runs, preflights=lambda n: [VANISH] if not n or "swap_relu" in n else [])
+    first = repair(_setup(), budget=Budget(steps=90), max_candidates=1)
+    # one run of compute: the first healthy candidate of the pool, as a first-acceptable
+    # search would accept it
+    assert first.accepted.names == ["he_init"] and first.accepted.metric == 0.60
+    best = repair(_setup(), budget=Budget(steps=90), max_candidates=4)
+    assert sorted(best.accepted.names) == ["batch_norm", "he_init"]
+    assert best.accepted.metric == 0.90 and best.accepted.steps == 90
+    # he_init passed at full length too, and was not the one kept
+    he = [c for c in best.candidates if c.names == ["he_init"] and c.steps == 90]
+    assert he and he[0].stage == "passed" and not he[0].accepted
+    assert he[0].note.endswith(f"{best.accepted.label} is better")
+    # successive halving: runs of 10 steps, 3 of 30, 2 of 90, within 4 x 90 steps
+    lengths = [steps for _, steps in script.trained[3:]]  # after both originals
+    assert lengths == sorted(lengths) and set(lengths) == {10, 30, 90}
+    # rung 0 holds the whole pool without swap_relu: he_init, batch_norm, Adam, 3 pairs, 1 triple
+    assert lengths.count(30) == 3 and lengths.count(90) == 2 and lengths.count(10) == 7
+    assert best.steps_spent <= best.steps_total == 360
+
+
+def test_acceptance_rejects_chance_even_when_its_loss_fell(scripted):
+    setup = _classes_setup()
+    (_, y_train), (_, y_val) = setup.data
+    majority = int(torch.bincount(y_train).argmax())
+    chance = float((y_val == majority).float().mean())
+    assert chance == pytest.approx(0.4)
     scripted(
-        {
-            (): ([VANISH], 0.30),
-            ("swap_relu",): ([SATURATE], 0.80),
-            ("he_init",): ([], 0.60),
-            ("batch_norm",): ([], 0.85),
-        }
+        {(): ([VANISH], 0.1), ("he_init",): ([], 0.45), ("swap_relu",): ([], 0.42)},
+        preflights={(): [VANISH]},
     )
-    result = repair(_setup(), budget=Budget(steps=20))
-    assert [c.note for c in result.candidates[1:]] == [
-        "findings remain",
-        "score 0.6 worse than #1's 0.8",
-        "accepted",
-    ]
-    assert result.accepted.index == 3
-
-
-def test_a_candidate_that_does_not_train_is_rejected(scripted):
-    scripted(
-        {
-            (): ([VANISH], math.nan),
-            ("swap_relu",): ([], 0.2, 0.95),  # loss fell only 5%
-            ("he_init",): ([], 0.3, 0.5),
-            ("batch_norm",): ([], 0.9),
-        }
+    result = repair(setup, budget=Budget(steps=20), max_candidates=3)
+    assert result.reference.value == pytest.approx(chance)
+    assert result.reference.needed == pytest.approx(0.4 + 0.2 * 0.6)  # a fifth of the way to 1
+    assert result.status == "unrepaired"
+    he = next(c for c in result.candidates if c.names == ["he_init"] and c.steps == 20)
+    # healthy, its training loss halved, and still rejected
+    assert he.healthy and he.progress == pytest.approx(0.5)
+    assert "accuracy 0.45 not clearly better than the majority class's 0.4 (needs >= 0.52)" in (
+        he.note
     )
-    result = repair(_setup(), budget=Budget(steps=20))
-    assert result.candidates[1].note.startswith("does not train")
-    assert result.accepted.names == ["he_init"]
+    assert "closest: he_init (accuracy 0.45 after 20 steps" in result.message
+    passing = scripted({(): ([VANISH], 0.1), ("swap_relu",): ([], 0.61)}, {(): [VANISH]})
+    ok = repair(setup, budget=Budget(steps=20), max_candidates=1)
+    assert ok.repaired and passing.trained[-1] == (("swap_relu",), 20)
+    assert "+0.21 over the majority class's 0.4" in ok.message
 
 
-def test_one_is_not_enough_then_combine_with_the_cure_of_what_remains(scripted):
-    script = scripted(
-        {
-            (): ([VANISH], 0.1),
-            ("swap_relu",): ([DEAD], 0.5),  # vanishing cured, dead units left
-            ("he_init",): ([VANISH], 0.1),
-            ("batch_norm",): ([VANISH], 0.1),
-            ("swap_relu", "bias_reinit"): ([], 0.7),
-        }
+def _outcome(findings, steps):
+    return TrainOutcome(
+        nn.Linear(1, 1), Diagnosis(findings), 0.5, 1.0, steps, 0.01, False, TrainSettings(),
+        [1.0] * 20,
+    )  # fmt: skip
+
+
+def test_a_bug_propagates_and_not_applicable_is_skipped(scripted):
+    def train(setup, remedies, *, budget, seed, bug):
+        names = [r.name for r in remedies]
+        if "swap_relu" in names:
+            raise NotApplicable("swap_relu: no Sigmoid in this model")
+        if "he_init" in names and bug:
+            raise RuntimeError("a bug in an applier")
+        return _outcome([VANISH] if not remedies else [], budget.steps)
+
+    scripted({}, {(): [VANISH]}, train=lambda *a, **k: train(*a, **k, bug=True))
+    with pytest.raises(RuntimeError, match="a bug in an applier"):
+        repair(_setup(), budget=Budget(steps=20), max_candidates=1)
+    # the declared error is recorded, and the search goes on
+    scripted({}, {(): [VANISH]}, train=lambda *a, **k: train(*a, **k, bug=False))
+    result = repair(_setup(), budget=Budget(steps=20), max_candidates=1)
+    skipped = result.candidates[1:4]  # swap_relu, + he_init, + Adam: none trained
+    assert all(not c.trained and c.stage == "not applicable" for c in skipped)
+    assert skipped[0].note == "not applicable: swap_relu: no Sigmoid in this model"
+    assert result.accepted is result.candidates[4] and result.accepted.names == ["he_init"]
+
+
+def test_applier_raises_not_applicable_only_for_what_does_not_fit():
+    from gradmedic.autorepair.appliers import apply_model
+
+    mlp_model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    batch = torch.randn(2, 4)
+    with pytest.raises(NotApplicable, match="forget_bias needs a LSTM module"):
+        apply_model(mlp_model, [catalog.forget_bias(1.0)], batch)
+    no_bias = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with pytest.raises(NotApplicable, match="bias_reinit: init scheme 'bias' found no"):
+        apply_model(no_bias, [catalog.bias_reinit(0.01)], batch)
+    # a wrong argument is no "does not fit": it is raised as it is
+    with pytest.raises(KeyError):
+        apply_model(mlp_model, [Remedy("he_init", "", "", {})], batch)
+
+
+def test_structural_triage_and_combinations_from_the_diagnosis(scripted):
+    exploding = Finding(
+        Problem.EXPLODING,
+        Severity.CRITICAL,
+        ["0"],
+        {},
+        "grows",
+        [
+            catalog.init_scheme("he"),
+            catalog.clip_norm(1.57e9),
+            catalog.normalization("batch"),
+            catalog.lower_lr(0.1),
+        ],
     )
-    result = repair(_setup(), budget=Budget(steps=20))
-    # singles first, then swap_relu (the best parent) + the cure of its finding
-    assert script.trained[1:] == [
-        ("swap_relu",),
-        ("he_init",),
-        ("batch_norm",),
-        ("swap_relu", "bias_reinit"),
-    ]
-    assert [r.name for r in result.remedies] == ["swap_relu", "bias_reinit"]
+    pool = list(ranked_pool([exploding], structural=True, adaptive=False))
+    names = [sorted(r.name for r in combo) for combo in pool]
+    # model remedies lead; batch norm + He init + Adam comes within the first rung (9 runs)
+    assert names[0] == ["he_init"]
+    assert ["adaptive_optimizer", "batch_norm", "he_init"] in names[:9]
+    # a threshold measured on exploding norms is replaced by the conventional 1.0
+    clips = [r.params["max_norm"] for combo in pool for r in combo if r.name == "clip_norm"]
+    assert clips and set(clips) == {1.0}
+    # Adam brings its own lr: never combined with an lr factor
+    assert not any({"adaptive_optimizer", "lower_lr"} <= set(n) for n in names)
+    # a healthy preflight: training remedies lead
+    training = list(ranked_pool([exploding], structural=False, adaptive=False))
+    assert training[0][0].name == "clip_norm"
 
 
-def test_fused_order_and_structural_triage(scripted):
-    # vanishing (critical) + saturation (warning): clip_norm is a training remedy;
-    # a sick preflight puts model remedies first, a healthy one training remedies first
-    runs = {(): ([VANISH, SATURATE], 0.1)}
-    names = ["swap_relu", "he_init", "batch_norm", "xavier_init", "clip_norm"]
-    runs.update({(n,): ([SATURATE], 0.1) for n in names})
-    script = scripted(runs, preflights={(): [VANISH]})
-    repair(_setup(), budget=Budget(steps=20), max_candidates=5)
-    # scores: swap_relu 3, he_init 1.5, xavier 2, batch_norm 1, clip_norm 1;
-    # he_init is a second init (after xavier): it waits for one of every other kind
-    assert script.trained[1:6] == [
-        ("swap_relu",),
-        ("xavier_init",),
-        ("batch_norm",),
-        ("he_init",),
-        ("clip_norm",),
-    ]
-    script = scripted(runs, preflights={})
-    repair(_setup(), budget=Budget(steps=20), max_candidates=5)
-    assert script.trained[1] == ("clip_norm",)
-
-
-def test_screened_candidates_are_not_trained_nor_counted(scripted):
+def test_screened_candidates_are_not_trained(scripted):
+    sick = {"swap_relu", "he_init"}
     script = scripted(
         {(): ([VANISH], 0.1), ("batch_norm",): ([], 0.9)},
-        preflights={(): [VANISH], ("swap_relu",): [VANISH], ("he_init",): [VANISH]},
+        preflights=lambda names: [VANISH] if not names or names & sick else [],
     )
     result = repair(_setup(), budget=Budget(steps=20), max_candidates=1)
-    assert script.trained == [(), ("batch_norm",)]
-    assert [c.screened for c in result.candidates] == [False, True, True, False]
+    assert [names for names, _ in script.trained] == [(), ("batch_norm",)]
+    # swap_relu, + he_init, + he_init + Adam, he_init, swap_relu + batch_norm (+ Adam)
+    assert [c.stage for c in result.candidates] == ["original"] + ["screened"] * 6 + ["accepted"]
     assert result.candidates[1].note == "screened out: findings at initialization"
-    assert result.trained_candidates == 1 and result.repaired
+    assert result.steps_spent == 20 and result.extra["preflights"] == 7
 
 
-def test_random_strategy_neither_screens_nor_reads_the_findings(scripted):
+def test_random_strategy_spends_the_same_steps_and_is_seeded(scripted):
     trained = []
 
     def train(setup, remedies, *, budget, seed):  # every combination fails
         trained.append(remedies)
         return TrainOutcome(
-            nn.Linear(1, 1),
-            Diagnosis([VANISH]),
-            0.1,
-            1.0,
-            budget.steps,
-            0.01,
-            False,
-            TrainSettings(),
-            [1.0] * 20,
-        )
+            nn.Linear(1, 1), Diagnosis([VANISH]), 0.1, 1.0, budget.steps, 0.01, False,
+            TrainSettings(), [1.0] * 20,
+        )  # fmt: skip
 
     scripted({}, preflights={(): [VANISH]}, train=train)
     a = repair(_setup(), budget=Budget(steps=20), max_candidates=6, strategy="random", seed=3)
     b = repair(_setup(), budget=Budget(steps=20), max_candidates=6, strategy="random", seed=3)
+    c = repair(_setup(), budget=Budget(steps=20), max_candidates=6, strategy="random", seed=4)
     assert a.status == "unrepaired" and a.trained_candidates == 6
-    assert [c.names for c in a.candidates] == [c.names for c in b.candidates]
-    assert not any(c.screened for c in a.candidates)
-    pool = {
-        "he_init",
-        "xavier_init",
-        "orthogonal_init",
-        "lecun_init",
-        "lsuv_init",
-        "batch_norm",
-        "layer_norm",
-        "residual",
-        "clip_norm",
-        "clip_value",
-        "autoclip",
-        "lower_lr",
-        "adaptive_optimizer",
-        "weight_decay",
-        "bias_reinit",
-        "swap_relu",
-        "swap_leakyrelu",
-        "swap_elu",
-    }
-    used = {n.split("(")[0] for c in a.candidates[1:] for n in c.names}
-    assert used <= pool and len(used) > 3
-    assert all(1 <= len(c.remedies) <= 3 for c in a.candidates[1:])
-    assert a.message == (
-        "no candidate was healthy and no worse than the original among the candidates tried"
+    assert a.steps_spent == a.steps_total == 120
+    assert [x.names for x in a.candidates] == [x.names for x in b.candidates]
+    assert [x.names for x in a.candidates] != [x.names for x in c.candidates]
+    assert not any(x.screened for x in a.candidates)
+    assert all(1 <= len(x.remedies) <= 3 for x in a.candidates[1:])
+    assert a.message.startswith(
+        "no candidate was healthy and clearly better than the training targets' mean (score 0) "
     )
-
-
-def test_inapplicable_remedy_is_recorded_and_skipped(scripted):
-    def train(setup, remedies, *, budget, seed):
-        if remedies and remedies[0].name == "swap_relu":
-            raise ValueError("no Sigmoid in this model")
-        findings = [VANISH] if not remedies else []
-        return TrainOutcome(
-            nn.Linear(1, 1),
-            Diagnosis(findings),
-            0.5,
-            1.0,
-            budget.steps,
-            0.01,
-            False,
-            TrainSettings(),
-            [1.0] * 10 + [0.1] * 10,
-        )
-
-    scripted({}, train=train)
-    result = repair(_setup(), budget=Budget(steps=20), max_candidates=1)
-    first = result.candidates[1]
-    assert not first.trained
-    assert first.note == "not applicable: ValueError: no Sigmoid in this model"
-    assert result.accepted.names == ["he_init"] and result.trained_candidates == 1
+    assert "within 120 of 120 training steps; closest: " in a.message
 
 
 def test_progress_events_and_time_cap(scripted):
-    scripted({(): ([VANISH], 0.1), ("swap_relu",): ([VANISH], 0.1), ("he_init",): ([], 0.5)})
+    scripted({(): ([VANISH], 0.1), ("swap_relu",): ([], 0.5)}, {(): [VANISH]})
     events = []
-    result = repair(_setup(), budget=Budget(steps=20), progress=events.append)
+    result = repair(_setup(), budget=Budget(steps=20), max_candidates=1, progress=events.append)
     assert [(e.index, e.done is not None) for e in events] == [
         (0, False),
         (0, True),
         (1, False),
         (1, True),
-        (2, False),
-        (2, True),
     ]
-    assert events[-1].done.accepted and events[2].remedies[0].name == "swap_relu"
+    assert events[-1].done is result.accepted and events[-1].total == 20
     assert result.run_seconds == pytest.approx(0.01)  # every scripted run takes 0.01 s
     capped = repair(_setup(), budget=Budget(steps=20, total_seconds=1e-9))
     assert capped.status == "unrepaired" and len(capped.candidates) == 1
-    assert capped.message.endswith("within the time budget")
+    assert "within the time budget" in capped.message
 
 
 def test_argument_errors():
@@ -401,7 +407,8 @@ def test_result_json_and_table(dead_relu_repair):
     data = json.loads(json.dumps(result.to_dict()))
     assert data["status"] == "repaired"
     assert data["candidates"][0]["candidate"] == "original"
-    assert data["candidates"][-1]["accepted"] is True
+    assert [c["candidate"] for c in data["candidates"] if c["accepted"]] == [result.accepted.label]
+    assert data["reference"]["name"] == "the majority class"
     assert data["remedies"][0]["call"] == result.remedies[0].call
     assert data["metric"] == {"name": "accuracy", "higher_is_better": True}
     assert result.table().row_count == len(result.candidates)
@@ -421,28 +428,44 @@ def test_two_runs_give_the_same_table():
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.slow) if n in {"deep_sigmoid", "dead_relu"} else n
-        for n in sorted(BROKEN)
-    ],
+    [pytest.param(n, marks=pytest.mark.slow) if n != "high_lr" else n for n in sorted(BROKEN)],
 )
 def test_every_broken_setup_is_repaired(name):
-    """The claims' broken setups, 200 steps each.
+    """The claims' broken setups, 200 steps each, a budget of 8 runs.
 
-    deep_sigmoid and dead_relu (~10 s each) run with ``-m slow``; dead ReLUs are also
-    repaired in the default run by the ``dead_relu_repair`` fixture (120 steps).
+    All but high_lr (which diverges in a few steps) run with ``-m slow``; dead ReLUs
+    are also repaired in the default run by the ``dead_relu_repair`` fixture.
     """
     result = repair(BROKEN[name](), budget=Budget(steps=200), max_candidates=8)
+    if name == "exploding_rnn":
+        # the original diverges; stable runs reach about the error of predicting the mean
+        # (200 steps are too few to learn the adding problem over 20 steps), which is no
+        # repair: the bar is 0.8x the mean predictor's MSE, computed independently here
+        (_, y_train), (_, y_val) = adding()
+        constant = float(((y_val - y_train.mean()) ** 2).mean())
+        assert result.original.diverged
+        assert result.reference.value == pytest.approx(constant, rel=1e-5)
+        assert result.reference.needed == pytest.approx(0.8 * constant, rel=1e-5)
+        stable = [c for c in result.candidates if c.trained and c.healthy and c.steps == 200]
+        assert all(c.metric > 0.8 * constant for c in stable)
+        assert result.status == "unrepaired" and "closest: " in result.message
+        return
     assert result.status == "repaired", result.message
     assert result.accepted.diagnosis.healthy
     original_score = result.metric.score(result.original.metric)
     assert result.metric.score(result.accepted.metric) > original_score
-    if name == "exploding_rnn":
-        # the original diverges; the repaired RNN trains stably, to about the error of
-        # predicting the mean (200 steps are too few to learn the adding problem itself)
-        (_, y_train), (_, y_val) = adding()
-        constant = float(((y_val - y_train.mean()) ** 2).mean())
-        assert result.original.diverged
-        assert result.accepted.metric < 1.2 * constant
-    else:  # digits: well above chance
-        assert result.accepted.metric > 0.6
+    assert result.accepted.metric > 0.6  # digits: well above chance (0.1)
+
+
+@pytest.mark.slow
+def test_exploding_at_init_under_a_tiny_lr_needs_a_combination():
+    """N(0, 1) ReLU weights under SGD at lr 1e-4: a structural fix alone cannot learn."""
+    from gradmedic.autorepair.examples import SUITE
+
+    result = repair(SUITE["relu_normal_tiny_lr"](), budget=Budget(steps=90), max_candidates=2)
+    assert result.status == "repaired", result.message
+    names = {r.name for r in result.remedies}
+    assert names & {"batch_norm", "layer_norm", "he_init", "lsuv_init"}
+    assert names & {"adaptive_optimizer", "raise_lr"}
+    assert "lower_lr" not in names
+    assert result.accepted.metric >= result.reference.needed

@@ -62,7 +62,9 @@ def _open(chromium, index, profile_dir) -> tuple[str, str]:
 
 
 def test_report_renders_in_chromium(chromium, tmp_path):
-    results = runner.run(["sigmoid_chain", "rnn_power"], LabConfig(quick=True))
+    results = runner.run(
+        ["sigmoid_chain", "rnn_power", "dead_relu", "paper_pascanu2013"], LabConfig(quick=True)
+    )
     index = write_report(results, tmp_path / "report", config=LabConfig(quick=True))
     dom, stderr = _open(chromium, index, tmp_path / "profile")
 
@@ -77,6 +79,30 @@ def test_report_renders_in_chromium(chromium, tmp_path):
     assert check["data-errors"] == "0"
     assert check["data-claims"] == str(len(CLAIMS))
     assert page.claim_rows == list(CLAIMS)
+    # navigation: one contents entry per experiment plus claims and sources; the summary
+    # counts every experiment once
+    assert check["data-toc"] == str(len(results) + 2)
+    assert check["data-summary"] == str(len(results))
+    # every panel of every figure draws data (a line, points, bars or an image)
+    assert int(check["data-panels"]) >= n_figures
+    assert check["data-empty"] == "", f"empty panels: {check['data-empty']}"
 
     console = [line for line in stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
     assert console == [], "\n".join(console)
+
+
+def test_selfcheck_reports_an_empty_panel(chromium, tmp_path):
+    from gradmedic.lab import plotting
+    from gradmedic.lab.base import Result, Verdict
+
+    fig, (full, empty) = plotting.figure(2)
+    full.plot([1, 2, 3], [1, 4, 9])
+    full.bar([1, 2], [3, 4])
+    empty.set_title("nothing here")
+    result = Result("exp", ["K1"], "t", "s", "e", {}, "r", Verdict.HOLDS, figures={"f": fig})
+    index = write_report([result], tmp_path / "report")
+    dom, _ = _open(chromium, index, tmp_path / "profile")
+    page = _DomReader()
+    page.feed(dom)
+    assert page.selfcheck["data-panels"] == "2"
+    assert page.selfcheck["data-empty"].endswith("axes_2")

@@ -167,3 +167,75 @@ def test_flatten_scalars_and_short_lists():
         flatten({"a": 0.123456789, "b": {"c": [1, 2], "d": list(range(50))}, "checks": {"x": 1}})
     )
     assert rows == {"a": "0.1235", "b.c": "[1, 2]"}
+
+
+def test_rerun_of_a_subset_removes_only_the_lab_s_stale_figures(tmp_path):
+    out = tmp_path / "rep"
+    write_report(_results(), out)
+    first = {p.name for p in (out / "figures").glob("*.svg")}
+    assert first == {"exp_a-one.svg", "exp_a-two.svg", "exp_b-only.svg"}
+    mine = out / "figures" / "my-notes.svg"  # a user's file beside the lab's
+    mine.write_text("<svg/>")
+    (out / "keep.txt").write_text("x")
+    write_report([_results()[1]], out)
+    assert {p.name for p in (out / "figures").glob("*.svg")} == {"exp_b-only.svg", "my-notes.svg"}
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_stale_figure_paths_outside_figures_are_never_deleted(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    victim = tmp_path / "victim.svg"
+    victim.write_text("<svg/>")
+    forged = {"results": [{"figures": {"x": "../victim.svg"}}, {"figures": {"y": "index.html"}}]}
+    (out / "results.json").write_text(json.dumps(forged))
+    write_report([_results()[1]], out)
+    assert victim.exists() and (out / "index.html").exists()
+
+
+def test_results_json_has_numbers_only_and_flags_non_finite_values(tmp_path):
+    r = _results()[1]
+    r.numbers = {"loss": [2.0, float("inf"), float("nan")], "ok": {"x": -float("inf")}}
+    write_report([r], tmp_path)
+    text = (tmp_path / "results.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    rec = json.loads(text)["results"][0]
+    assert rec["numbers"] == {"loss": [2.0, None, None], "ok": {"x": None}}
+    assert rec["nonfinite"] == {"/loss/1": "inf", "/loss/2": "nan", "/ok/x": "-inf"}
+    back = load_results(tmp_path / "results.json")[0]
+    assert back.numbers["loss"][0] == 2.0 and back.numbers["loss"][1] == float("inf")
+    assert back.numbers["ok"]["x"] == -float("inf")
+
+
+def test_contents_summary_sources_and_back_to_top(tmp_path):
+    results = _results()
+    results.append(
+        Result(
+            name="exp_d",
+            claims=["R7"],
+            title="D",
+            setup="s",
+            expected="e",
+            numbers={"checks": {"c": True}},
+            rule="r",
+            verdict=Verdict.INCONCLUSIVE,
+            figures={"f": _fig([1.0, 2.0])},
+        )
+    )
+    html = write_report(results, tmp_path).read_text()
+    toc = re.search(r'<nav id="toc".*?</nav>', html, re.S).group(0)
+    for r in results:
+        assert f'href="#{r.name}"' in toc
+    summary = re.search(r'<p class="summary" id="summary">(.*?)</p>', html, re.S).group(1)
+    counts = dict(
+        (v, int(n)) for n, v in re.findall(r'data-verdict="[^"]+">(\d+) ([^<]+)</span>', summary)
+    )
+    expected = {}
+    for r in results:
+        expected[r.verdict.value] = expected.get(r.verdict.value, 0) + 1
+    assert counts == expected
+    assert html.count('href="#top"') == len(results) + 1  # each section and the sources
+    assert 'id="sources"' in html and 'id="source-004"' in html
+    assert "Vanishing and exploding gradients" in html
+    assert "seeds 00" not in html  # the source texts are cited as sources, not "seeds"
+    assert "inconclusive" in html

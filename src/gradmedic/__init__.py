@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradmedic.errors import GradmedicError
 from gradmedic.findings import Diagnosis, Finding, Problem, Remedy, Severity
-
-__version__ = "0.1.0"
+from gradmedic.version import __version__
 
 # Public names loaded on first use, so `import gradmedic` costs torch and little else.
 # "module:attribute" names an attribute; a bare "module" is the name itself.

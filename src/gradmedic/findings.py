@@ -26,6 +26,7 @@ class Problem(str, Enum):
     EXPLODING_IN_TIME = "exploding_in_time"
     UNSTABLE_UPDATES = "unstable_updates"
     DIVERGENCE = "divergence"
+    SMALL_STEPS = "small_steps"
 
     def __str__(self) -> str:
         return self.value
@@ -304,9 +305,21 @@ class Diagnosis:
 
     def __rich__(self) -> Any:
         """Rich renderable (terminal view)."""
-        from gradmedic.report.terminal import render_diagnosis
+        from gradmedic.report.terminal import render_diagnosis  # lazy: the renderer imports us
 
         return render_diagnosis(self)
+
+    def __str__(self) -> str:
+        """A short summary: status, then each finding with its key number and first remedy."""
+        from gradmedic.report.summary import summary_text
+
+        return summary_text(self)
+
+    def _repr_html_(self) -> str:
+        """The short summary as HTML, for notebooks."""
+        from gradmedic.report.summary import summary_html
+
+        return summary_html(self)
 
 
 def _plain(value: Any) -> Any:

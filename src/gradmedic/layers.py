@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 ROOT_NAME = "<root>"
+#: Subsets of parameters whose layer grouping is kept (models that drop layers vary it).
+SEGMENT_CACHE = 64
 
 
 @dataclass
@@ -79,7 +81,8 @@ class LayerIndex:
         """Group a subset of :attr:`params` (by position) into their layers.
 
         Returns the names of the layers present, input side first, and for each
-        listed parameter the index of its layer among those names (cached).
+        listed parameter the index of its layer among those names (the last
+        ``SEGMENT_CACHE`` subsets are cached).
         """
         key = (positions, device)
         hit = self._segment_cache.get(key)
@@ -90,6 +93,8 @@ class LayerIndex:
                 [rank[self.param_layer[i]] for i in positions], dtype=torch.long, device=device
             )
             hit = (tuple(self.layers[k].name for k in present), seg)
+            if len(self._segment_cache) >= SEGMENT_CACHE:  # layer-dropping models: bounded
+                self._segment_cache.pop(next(iter(self._segment_cache)))
             self._segment_cache[key] = hit
         return hit
 

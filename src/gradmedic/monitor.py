@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
@@ -37,8 +37,9 @@ from gradmedic.passes import PassWatch
 from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import DeltaProbe
 from gradmedic.probes.gradients import GradientProbe
-from gradmedic.probes.updates import UpdateProbe
+from gradmedic.probes.updates import UPDATE_KEYS, UpdateProbe
 from gradmedic.record import LazyRecord, NamedVector
+from gradmedic.sharding import data_parallel_group, defer_data_parallel, fill_deferred
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -97,6 +98,11 @@ class Monitor:
             one recorded step in ``update_every`` (True) or in ``n``.
         sink: A JSONL file that receives every record, flushed as it is
             written; ``{rank}`` in the path becomes the torch.distributed rank.
+        sink_batch: Write the sink's records this many at a time (and at least
+            every 2 s, at close and at exit). 1 (default) writes each record at its
+            step, so even a killed process loses nothing, at one host read per
+            step; a larger batch makes the steps between writes free of host reads
+            and a killed process loses at most the unwritten batch.
         probes: Extra probes to attach.
     """
 
@@ -114,6 +120,7 @@ class Monitor:
         recurrent: bool | int = DEFAULT_SAMPLING["recurrent"],
         spectra: bool | int = False,
         sink: str | os.PathLike[str] | None = None,
+        sink_batch: int = 1,
         probes: Iterable[Probe] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -134,18 +141,19 @@ class Monitor:
         self._schedule = _as_schedule(every)
         self.update_every = _positive_int("update_every", update_every)
         spec_every = self.update_every if spectra is True else _sampling("spectra", spectra)
-        self.history = History(history)
+        self.history = History(history, on_evict=self._evicted)
         self.model = model
         self.optimizer = optimizer
         self.index = LayerIndex(model)
         self.steps = 0  # steps seen (recorded or not)
-        self.first_nonfinite: dict[str, Any] | None = None
+        self._first_nonfinite: dict[str, Any] | None = None
         self.disabled = False
         self.closed = False
         self.skipped = 0  # iterations whose backward pass was not followed by a step
         self._recorded = 0
         self._backward_done = False
-        self._norm_level: float | None = None
+        #: log of the running level of recorded global norms (a device tensor; NaN: none yet).
+        self._log_level: torch.Tensor | None = None
         self._loss_scale: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
@@ -182,7 +190,11 @@ class Monitor:
             self.probes.append(self._updates)
 
         self._sink = (
-            JsonlSink(sink, {"gradmedic": _version(), "layers": list(self.index.names)})
+            JsonlSink(
+                sink,
+                {"gradmedic": _version(), "layers": list(self.index.names)},
+                batch=_positive_int("sink_batch", sink_batch),
+            )
             if sink is not None
             else None
         )
@@ -215,6 +227,16 @@ class Monitor:
         """The latest recorded per-layer gradient L2 norms (``{}`` before the first record)."""
         last = self.history.last()
         return dict(last.get("grad_norm", {})) if last else {}
+
+    @property
+    def first_nonfinite(self) -> dict[str, Any] | None:
+        """Where the first NaN/Inf of the run appeared (``nonfinite_origin``), or None.
+
+        Reading it reads the kept records (one host transfer each, once).
+        """
+        if self._first_nonfinite is None:
+            self.history.rows()
+        return self._first_nonfinite
 
     def note_loss(self, loss: torch.Tensor | float) -> None:
         """Attach the loss to the current step's record (read without a host sync)."""
@@ -320,30 +342,36 @@ class Monitor:
     def _recording(self) -> bool:
         return not self.disabled and not self.closed and self._schedule(self.steps)
 
-    def _samples_updates(self) -> bool:
-        """Measure this step's update: early in the run, on schedule, or after a norm jump.
+    def _samples_updates(self) -> bool | torch.Tensor:
+        """Keep this step's update: early in the run, on schedule, or after a norm jump.
 
-        The first ``EARLY_UPDATES`` recorded steps are all measured (a blow-up often
+        The first ``EARLY_UPDATES`` recorded steps are all kept (a blow-up often
         starts there), then one in ``update_every``, and any step whose global
         gradient norm jumped ``NORM_JUMP`` times above the running level, the step
-        that starts a blow-up.
+        that starts a blow-up. The jump is a device tensor (no host read): the
+        update is measured anyway (a bounded copy) and the record drops it on read.
         """
         if self._updates is None:
             return False
         if self._recorded < EARLY_UPDATES or self._recorded % self.update_every == 0:
             return True
-        total, level = self._gradients.last_total, self._norm_level
-        return total is not None and level is not None and total > NORM_JUMP * level
+        total, level = self._gradients.last_total, self._log_level
+        if total is None or level is None:
+            return False
+        return total.log() > level + math.log(NORM_JUMP)  # False while level is NaN
 
     def _track_norm_level(self) -> None:
         """A running geometric mean of recorded global norms (the jump rule's reference)."""
         total = self._gradients.last_total
-        if total is None or not math.isfinite(total) or total <= 0:
+        if total is None:
             return
-        if self._norm_level is None:
-            self._norm_level = total
-        else:
-            self._norm_level = math.exp(0.9 * math.log(self._norm_level) + 0.1 * math.log(total))
+        log_total = total.detach().log()
+        level = self._log_level
+        if level is None or level.device != log_total.device:
+            level = torch.full_like(log_total, math.nan)
+        ok = log_total.abs() < math.inf  # a zero or non-finite norm leaves the level alone
+        new = torch.where(torch.isnan(level), log_total, torch.lerp(level, log_total, 0.1))
+        self._log_level = torch.where(ok, new, level)
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         if not self._recording():
@@ -378,10 +406,13 @@ class Monitor:
 
     def _grads_ready(self) -> None:
         self._guarded(self._collect)
-        sample = self._samples_updates()
+        self._guarded(self._before_update)
         self._track_norm_level()
-        if sample:
-            self._guarded(self._updates.before)  # type: ignore[union-attr]
+
+    def _before_update(self) -> None:
+        keep = self._samples_updates()
+        if self._updates is not None and keep is not False:
+            self._updates.before(keep, advance=keep is True)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._pending is not None and self._updates is not None and self._updates.pending:
@@ -396,8 +427,8 @@ class Monitor:
             self._track_norm_level()
         self._finish_step()
         # Snapshot now so the next step() measures one update, if that step is recorded.
-        if self._updates is not None and self._recording() and self._samples_updates():
-            self._updates.before()
+        if self._recording():
+            self._before_update()
 
     def _collect(self) -> None:
         if not self._order_fixed:
@@ -418,12 +449,13 @@ class Monitor:
             data["loss_scale"] = self._loss_scale
             _unscale_backward_stats(data, self._loss_scale)
         self._note_missing(data)
+        defer_data_parallel(data, self.index.names, data_parallel_group(self.model))
         self._pending = data
 
     def _note_missing(self, data: dict[str, Any]) -> None:
         """Say once when a probe that is on gathered nothing although gradients exist."""
         deltas_on = any(isinstance(p, DeltaProbe) for p in self.probes)
-        if deltas_on and "grad_norm" in data and "delta_norm" not in data:
+        if deltas_on and "global_grad_norm" in data and "delta_norm" not in data:
             self._warn_once(
                 "deltas",
                 "gradmedic: no per-layer deltas (dL/d output) or output maxima were "
@@ -457,9 +489,10 @@ class Monitor:
         """A backward pass whose gradients were cleared without an optimizer step."""
         self.skipped += 1
         row = {"step": self.steps, "skipped": True}
-        self.history.append(LazyRecord(row))
+        record = LazyRecord(row)
+        self.history.append(record)
         if self._sink is not None:
-            self._sink.write(row)
+            self._sink.add(record)
         self._pending = None
         self._loss = None
         self._clip = None
@@ -476,17 +509,12 @@ class Monitor:
             if clip is not None:
                 data["clip"] = clip
             if self.optimizer is not None:
-                data["lr"] = [float(g["lr"]) for g in self.optimizer.param_groups]
+                data["lr"] = [_lr(g["lr"]) for g in self.optimizer.param_groups]
             record = LazyRecord(data, self._finalize)
             self.history.append(record)
             self._recorded += 1
-            grads_finite = bool(data.get("_grads_finite", True))
-            if self._sink is not None or (not grads_finite and self.first_nonfinite is None):
-                row = record.to_dict()
-                if self._sink is not None:
-                    self._sink.write(row)
-                if row.get("nonfinite_origin") and self.first_nonfinite is None:
-                    self.first_nonfinite = row["nonfinite_origin"]
+            if self._sink is not None:
+                self._sink.add(record)  # written in batches: no host read per step
         self._pending = None
         self._loss = None
         self._clip = None
@@ -505,6 +533,7 @@ class Monitor:
 
     def _finalize(self, row: dict[str, Any]) -> dict[str, Any]:
         """Order per-layer dicts input-to-output and locate the first non-finite value."""
+        fill_deferred(row)  # statistics of sharded tensors, reduced over the ranks
         order = self.index.names
         for key in ("delta_norm", "output_max"):
             if key in row:
@@ -512,6 +541,13 @@ class Monitor:
                 row[key] = {n: vals[n] for n in order if n in vals}
         backward = row.pop("_backward_order", [])
         grads_finite = row.pop("_grads_finite", True)
+        if "recurrent" in row:
+            from gradmedic.probes.recurrent import settle_isolated
+
+            settle_isolated(row)
+        if not row.pop("_updates_keep", True):
+            for key in UPDATE_KEYS:
+                row.pop(key, None)
         clip = row.get("clip")
         if isinstance(clip, dict) and "pre_norm" in clip and "kind" not in clip:
             # Gradients changed between backward and step; only a real reduction is clipping.
@@ -522,8 +558,30 @@ class Monitor:
                 del row["clip"]  # changed (loss unscaling) but not clipped
         elif isinstance(clip, dict) and "clipped" in clip:
             clip["clipped"] = bool(clip["clipped"])
-        row["nonfinite_origin"] = _nonfinite_origin(row, order, backward, bool(grads_finite))
+        origin = _nonfinite_origin(row, order, backward, bool(grads_finite))
+        row["nonfinite_origin"] = origin
+        first = self._first_nonfinite
+        if origin is not None and (first is None or origin["step"] < first["step"]):
+            self._first_nonfinite = origin
         return row
+
+    def _evicted(self, records: list[LazyRecord]) -> None:
+        """Records leaving the history unread: look there for the first non-finite step.
+
+        One host read for the whole chunk (is anything in each record non-finite?);
+        only the records that say so are read in full.
+        """
+        if self._first_nonfinite is not None:
+            return
+        unread = [r for r in records if r.unread is not None]
+        flags = [_maybe_nonfinite(r.unread) for r in unread]  # type: ignore[arg-type]
+        known = [f for f in flags if isinstance(f, torch.Tensor)]
+        values = iter(torch.stack([f.cpu() for f in known]).tolist() if known else [])
+        for record, flag in zip(unread, flags, strict=True):
+            if flag is None or next(values):
+                record.to_dict()
+                if self._first_nonfinite is not None:
+                    return
 
     def _fix_order(self) -> None:
         if self._seen_order:
@@ -593,6 +651,25 @@ def find_monitor(params: Sequence[torch.Tensor]) -> Monitor | None:
         if not mon.disabled and mon.owns(params[:1]):
             return mon
     return None
+
+
+def _maybe_nonfinite(data: Mapping[str, Any]) -> torch.Tensor | None:
+    """A 0-d device flag: could this unread record hold a non-finite origin? (None: unsure)."""
+    amax = data.get("_grad_max")
+    if not isinstance(amax, torch.Tensor):
+        return None  # sharded or custom gradient entries: read the record to know
+    bad = ~(amax < math.inf).all()
+    out_max = data.get("output_max")
+    if isinstance(out_max, NamedVector):
+        bad = bad | ~(out_max.values.to(amax.device) < math.inf).all()
+    return bad
+
+
+def _lr(value: Any) -> float | torch.Tensor:
+    """A param group's learning rate; a tensor one (capturable optimizers) stays on device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().reshape(())
+    return float(value)
 
 
 def _is_scalar_loss(value: Any) -> TypeGuard[torch.Tensor | float]:
@@ -712,7 +789,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _version() -> str:
-    from gradmedic import __version__
+    from gradmedic.version import __version__
 
     return __version__
 

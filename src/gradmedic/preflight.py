@@ -28,6 +28,7 @@ from gradmedic.errors import GradmedicError
 from gradmedic.findings import Diagnosis
 from gradmedic.layers import has_recurrent
 from gradmedic.probes.deltas import first_tensor
+from gradmedic.trial_steps import OptimizerLike
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -39,6 +40,8 @@ def check(
     loss_fn: LossFn | None = None,
     *,
     config: DiagnosisConfig | None = None,
+    optimizer: OptimizerLike | None = None,
+    trial_steps: int = 10,
 ) -> Diagnosis:
     """Diagnose a model's gradient flow on one batch, before any training.
 
@@ -59,6 +62,15 @@ def check(
             the model's depth or scale.
         loss_fn: ``loss_fn(output, targets) -> scalar``; overrides the default.
         config: Detector thresholds.
+        optimizer: The optimizer training will use, over ``model.parameters()``,
+            or a factory ``params -> Optimizer`` (``functools.partial(torch.optim.SGD,
+            lr=0.01, momentum=0.9)``). Then the step size is judged too
+            (:mod:`gradmedic.step_size`): the top Hessian eigenvalue at init and
+            after ``trial_steps`` steps on a copy against the optimizer's
+            stability limit; ``context["step_size"]`` holds the numbers and an
+            ``unstable_updates`` finding the verdict. The model, the optimizer and
+            every RNG (torch CPU/CUDA, ``random``, NumPy) are left as they were.
+        trial_steps: Steps taken on the copy (with ``optimizer``).
 
     Returns:
         The :class:`~gradmedic.findings.Diagnosis`; findings carry ``step=None``.
@@ -87,6 +99,15 @@ def check(
         )
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(output, targets), got {type(loss_fn).__name__}")
+    if not (
+        optimizer is None or isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)
+    ):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer or a factory params -> Optimizer, "
+            f"got {type(optimizer).__name__}"
+        )
+    if trial_steps < 0:
+        raise ValueError(f"trial_steps must be >= 0, got {trial_steps}")
     with _preserved(model):
         model.train()
         with (
@@ -108,7 +129,38 @@ def check(
     theory = _theory(model, inputs)
     if theory is not None:
         diagnosis.context["theory"] = theory
+    if optimizer is not None:
+        _judge_step(diagnosis, model, inputs, targets, loss_fn, optimizer, trial_steps)
     return diagnosis
+
+
+def _judge_step(
+    diagnosis: Diagnosis,
+    model: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor | None,
+    loss_fn: LossFn | None,
+    optimizer: OptimizerLike,
+    steps: int,
+) -> None:
+    """Add the step-size judgement (context and finding) to ``diagnosis``."""
+    from gradmedic.step_size import judge_step
+
+    judgement = judge_step(
+        model, optimizer, lambda m: _loss(_call(m, inputs), targets, loss_fn), steps=steps
+    )
+    diagnosis.context["step_size"] = judgement.to_dict()
+    finding = judgement.finding()
+    if finding is not None:
+        diagnosis.findings.append(finding)
+        diagnosis.findings.sort(key=lambda f: -f.severity.rank)
+        ev = finding.evidence
+        diagnosis.suggested.update(  # one lr rule for the whole diagnosis: the measured one
+            lr_factor=ev["lr_factor"],
+            lr=[ev["lr"]],
+            lr_why=f"the largest stable lr {ev['largest_safe_lr']:.3g} for the measured "
+            f"sharpness ({ev['limit_rule']}), with a margin of 2",
+        )
 
 
 @contextmanager

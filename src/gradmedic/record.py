@@ -56,6 +56,11 @@ class LazyRecord:
         return self._plain
 
     @property
+    def unread(self) -> Mapping[str, Any] | None:
+        """The step's statistics, tensors included, while the record has not been read."""
+        return self._data if self._plain is None else None
+
+    @property
     def step(self) -> int:
         """The step this record belongs to."""
         data = self._plain if self._plain is not None else self._data

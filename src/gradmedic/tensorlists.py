@@ -13,6 +13,8 @@ from typing import cast
 import torch
 from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
+from gradmedic.sharding import any_dtensor, local_tensors, whole_p_norms, without_partial
+
 
 def foreach_norms(
     grads: Sequence[torch.Tensor],
@@ -29,7 +31,12 @@ def foreach_norms(
     in float64, whose range holds the square of every float32 value: the norm of a
     finite float32 gradient then neither overflows (entries near 1e28) nor underflows
     to zero (entries near 1e-26), which a float32 sum of squares does.
+    DTensors (FSDP2, tensor parallel) give the whole tensors' norms, reduced at once.
     """
+    if any_dtensor(grads):  # the local pieces' norms, made the whole tensors' (reduced now)
+        grads = without_partial(grads)
+        local = foreach_norms(local_tensors(grads), norm_type, foreach, upcast=True)
+        return whole_p_norms(grads, local, norm_type)
     out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
     for idx, members, device in indexed_groups(grads):
         dtype = members[0].dtype
@@ -111,3 +118,49 @@ def segment_max(values: torch.Tensor, segments: torch.Tensor, n: int) -> torch.T
     """``out[k] = max_{i: segments[i]==k} values[i]`` (NaN propagates)."""
     out = torch.full((n,), float("-inf"), dtype=values.dtype, device=values.device)
     return out.scatter_reduce_(0, segments, values, reduce="amax", include_self=True)
+
+
+#: Tensors up to this many elements are stacked by shape and reduced as one matrix: on CPU
+#: ``torch._foreach_norm`` costs ~5 us per tensor, so a 1000-layer net paid milliseconds.
+STACK_NUMEL = 1 << 14
+
+
+def norms_and_maxes(
+    tensors: Sequence[torch.Tensor], device: torch.device, norms: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """L2 norm and ``max |t|`` of each tensor, as two float64 vectors on ``device``.
+
+    The L2 norms are float32 sums of squares (half precision upcast), as
+    :func:`foreach_norms` with ``upcast``; NaN propagates into both. Small tensors
+    of one shape are stacked and reduced in one kernel each, large ones go
+    through ``torch._foreach_norm`` and ``torch.aminmax``. With ``norms=False``
+    only the maxima are computed (the first result is None). DTensors give their
+    local pieces' (see :mod:`gradmedic.sharding`).
+    """
+    tensors = local_tensors(tensors)
+    n = len(tensors)
+    l2 = torch.empty(n, dtype=torch.float64, device=device) if norms else None
+    amax = torch.empty(n, dtype=torch.float64, device=device)
+    stacks: dict[tuple, list[int]] = {}
+    large: list[int] = []
+    for i, t in enumerate(tensors):
+        if 0 < t.numel() <= STACK_NUMEL:
+            stacks.setdefault((t.shape, t.dtype, t.device), []).append(i)
+        else:
+            large.append(i)
+    for (_, dtype, _), idx in stacks.items():
+        mat = torch.stack([tensors[i].detach() for i in idx]).reshape(len(idx), -1)
+        pos = torch.tensor(idx, device=device)
+        lo, hi = mat.amin(1), mat.amax(1)  # aminmax(dim=1) measured 60x slower on CPU
+        amax.index_copy_(0, pos, torch.maximum(lo.neg(), hi).to(device, torch.float64))
+        if l2 is not None:
+            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+            vals = torch.linalg.vector_norm(mat, dim=1, dtype=acc)
+            l2.index_copy_(0, pos, vals.to(device, torch.float64))
+    if large:
+        members = [tensors[i] for i in large]
+        pos = torch.tensor(large, device=device)
+        amax.index_copy_(0, pos, abs_maxes(members, device))
+        if l2 is not None:
+            l2.index_copy_(0, pos, stack_on(foreach_norms(members, upcast=True), device))
+    return l2, amax

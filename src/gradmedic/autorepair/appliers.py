@@ -31,6 +31,14 @@ from gradmedic.remedies import catalog
 ACTIVATIONS = ("Sigmoid", "Tanh", "ReLU", "LeakyReLU", "ELU")
 
 
+class NotApplicable(GradmedicError):
+    """A remedy that does not fit this model (no RNN to gate, no bias to reset...).
+
+    The only error the repair search records and skips: any other exception is a
+    bug (in gradmedic or the user's code) and propagates.
+    """
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Training-loop changes a candidate gets (all off by default).
@@ -43,6 +51,8 @@ class TrainSettings:
         adam_lr: Replace the optimizer by Adam with this learning rate.
         weight_decay: L2 decay added by :func:`gradmedic.add_weight_decay`.
         truncate_bptt: Backpropagate through at most this many time steps.
+        warmup: ``(start_factor, steps)``: the lr ramps linearly from
+            ``start_factor * lr`` to ``lr`` over ``steps`` steps.
     """
 
     clip_norm: float | None = None
@@ -52,6 +62,7 @@ class TrainSettings:
     adam_lr: float | None = None
     weight_decay: float | None = None
     truncate_bptt: int | None = None
+    warmup: tuple[float, int] | None = None
 
 
 ModelFn = Callable[[nn.Module, Remedy, torch.Tensor], nn.Module]
@@ -161,6 +172,18 @@ def _lower_lr(settings: TrainSettings, remedy: Remedy) -> TrainSettings:
     return dataclasses.replace(settings, lr_factor=settings.lr_factor * factor)
 
 
+def _raise_lr(settings: TrainSettings, remedy: Remedy) -> TrainSettings:
+    factor = float(remedy.params["factor"])
+    if not factor > 1:
+        raise GradmedicError(f"raise_lr needs a factor > 1, got {factor:g}")
+    return dataclasses.replace(settings, lr_factor=settings.lr_factor * factor)
+
+
+def _warmup(settings: TrainSettings, remedy: Remedy) -> TrainSettings:
+    start, steps = float(remedy.params["start_factor"]), int(remedy.params["steps"])
+    return dataclasses.replace(settings, warmup=(start, steps))
+
+
 def _adam(settings: TrainSettings, remedy: Remedy) -> TrainSettings:
     return dataclasses.replace(settings, adam_lr=float(remedy.params.get("lr", 1e-3)))
 
@@ -173,6 +196,8 @@ _EXACT: dict[str, Applier] = {
     "bias_reinit": Applier(6, "bias", "model", _bias),
     "adaptive_optimizer": Applier(10, "optimizer", "optimizer", settings=_adam),
     "lower_lr": Applier(11, "lr", "optimizer", settings=_lower_lr),
+    "raise_lr": Applier(11, "lr", "optimizer", settings=_raise_lr),
+    "warmup": Applier(12, "warmup", "optimizer", settings=_warmup),
     "weight_decay": Applier(
         12, "weight_decay", "optimizer", settings=_set(weight_decay=("weight_decay", float))
     ),
@@ -214,18 +239,39 @@ def order(remedies: Sequence[Remedy]) -> list[Remedy]:
     return sorted(remedies, key=lambda r: applier_for(r).stage)
 
 
+# Groups that exclude each other: Adam brings its own learning rate (1e-3), so an lr
+# factor on top of it would rescale a number no finding measured.
+_EXCLUSIVE = (frozenset({"optimizer", "lr"}),)
+
+
 def compatible(remedies: Sequence[Remedy]) -> bool:
-    """No two remedies from the same group (e.g. two initializations)."""
+    """No two remedies of one group (two initializations), nor Adam with an lr change."""
     groups = [applier_for(r).group for r in remedies]
-    return len(groups) == len(set(groups))
+    if len(groups) != len(set(groups)):
+        return False
+    return not any(pair <= set(groups) for pair in _EXCLUSIVE)
 
 
 def apply_model(model: nn.Module, remedies: Sequence[Remedy], batch: torch.Tensor) -> nn.Module:
-    """Apply the model remedies, in stage order, to ``model`` (a fresh copy)."""
+    """Apply the model remedies, in stage order, to ``model`` (a fresh copy).
+
+    Raises:
+        NotApplicable: A remedy does not fit the model: it lacks the modules the
+            remedy acts on, or the remedy's own code refused it with a
+            :class:`~gradmedic.errors.GradmedicError` naming why.
+    """
     for remedy in order(remedies):
-        fn = applier_for(remedy).model
-        if fn is not None:
-            model = fn(model, remedy, batch)
+        applier = applier_for(remedy)
+        if not applier.applicable(model):
+            kinds = ", ".join(t.__name__ for t in applier.needs)
+            raise NotApplicable(f"{remedy.name} needs a {kinds} module; the model has none")
+        if applier.model is not None:
+            try:
+                model = applier.model(model, remedy, batch)
+            except NotApplicable:
+                raise
+            except GradmedicError as exc:  # the remedy's own "cannot do this here"
+                raise NotApplicable(f"{remedy.name}: {exc}") from exc
     return model
 
 

@@ -144,6 +144,46 @@ def exploding_rnn() -> Setup:
     )
 
 
+def tiny_init_tanh() -> Setup:
+    """A 15-layer tanh MLP with N(0, 0.05²) weights: each layer scales the gradient by ~0.3."""
+    return _digits_setup(lambda: mlp(nn.Tanh, depth=15, width=32, weight_std=0.05), lr=0.1)
+
+
+def small_init_relu() -> Setup:
+    """A 15-layer ReLU MLP with N(0, 0.05²) weights: the signal shrinks ~0.2x per layer."""
+    return _digits_setup(lambda: mlp(nn.ReLU, depth=15, width=32, weight_std=0.05), lr=0.05)
+
+
+def relu_normal_tiny_lr() -> Setup:
+    """R4 under a tiny step: N(0, 1) ReLU weights (exploding at init) and SGD at lr 1e-4."""
+    return _digits_setup(lambda: mlp(nn.ReLU, depth=6, width=64, weight_std=1.0), lr=1e-4)
+
+
+def chaotic_tanh() -> Setup:
+    """A 15-layer tanh MLP with sigma_w = 4 (weights N(0, 16/fan_in)): the chaotic phase."""
+    return _digits_setup(lambda: mlp(nn.Tanh, depth=15, width=32, weight_std=4 / 32**0.5), lr=0.01)
+
+
+def expansive_linear() -> Setup:
+    """Ten linear layers (no activation) with singular values ~1.6: the gradient grows ~1.6^10."""
+    return _digits_setup(
+        lambda: mlp(nn.Identity, depth=10, width=64, weight_std=1.6 / 64**0.5), lr=0.01
+    )
+
+
+def exploding_rnn_short() -> Setup:
+    """K5 on adding sequences of 5 steps (a repaired RNN learns them in ~100 steps).
+
+    All singular values of W_h are 3.5: the gradient grows ~3.5x per time step.
+    """
+    return Setup(
+        lambda: AddingRNN(radius=3.5, nonlinearity="relu"),
+        adding(length=5),
+        nn.MSELoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+    )
+
+
 def healthy_mlp() -> Setup:
     """A He-initialized ReLU MLP at a sensible learning rate: nothing to repair."""
     return _digits_setup(lambda: mlp(nn.ReLU, depth=2, width=64, he=True), lr=0.05)
@@ -155,5 +195,17 @@ BROKEN: dict[str, Callable[[], Setup]] = {
     "dead_relu": dead_relu,
     "exploding_rnn": exploding_rnn,
     "high_lr": high_lr,
+}
+# The repair benchmark's suite (issue 18): every broken setup above and the harder ones.
+SUITE: dict[str, Callable[[], Setup]] = {
+    "deep_sigmoid": deep_sigmoid,
+    "tiny_init_tanh": tiny_init_tanh,
+    "small_init_relu": small_init_relu,
+    "relu_normal_tiny_lr": relu_normal_tiny_lr,
+    "chaotic_tanh": chaotic_tanh,
+    "expansive_linear": expansive_linear,
+    "high_lr": high_lr,
+    "dead_relu": dead_relu,
+    "exploding_rnn": exploding_rnn_short,
 }
 EXAMPLES: dict[str, Callable[[], Setup]] = {**BROKEN, "healthy_mlp": healthy_mlp}

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from gradmedic.autorepair.reference import Reference
 from gradmedic.autorepair.setup import Budget, Metric, Setup
 from gradmedic.findings import Diagnosis, Remedy, _plain
 
@@ -33,6 +34,10 @@ class Candidate:
             :attr:`gradmedic.autorepair.TrainOutcome.progress`).
         screened: Not trained: the preflight (:func:`gradmedic.check` at
             initialization) already had findings; ``diagnosis`` is the preflight's.
+        rung: The successive-halving rung of the run (None: the original).
+        stage: Why it stopped: ``"original"``, ``"screened"``, ``"not
+            applicable"``, ``"halved"``, ``"promoted"`` (trained longer in a
+            later row), ``"rejected"``, ``"passed"`` or ``"accepted"``.
     """
 
     index: int
@@ -47,6 +52,8 @@ class Candidate:
     note: str = ""
     progress: float = math.nan
     screened: bool = False
+    rung: int | None = None
+    stage: str = ""
 
     @property
     def label(self) -> str:
@@ -89,6 +96,8 @@ class Candidate:
             "progress": _plain(self.progress),
             "accepted": self.accepted,
             "screened": self.screened,
+            "rung": self.rung,
+            "stage": self.stage,
             "note": self.note,
         }
 
@@ -114,6 +123,10 @@ class RepairResult:
         seed: The seed.
         strategy: ``"ranked"`` or ``"random"``.
         seconds: Wall time of the whole search.
+        reference: The trivial predictor's score and the bar a fix had to clear
+            (None when no trivial predictor fits the targets).
+        steps_spent: Training steps the search spent (the original's excluded).
+        steps_total: Training steps it could spend (``max_candidates x steps``).
     """
 
     status: str
@@ -130,6 +143,9 @@ class RepairResult:
     strategy: str
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    reference: Reference | None = None
+    steps_spent: int = 0
+    steps_total: int = 0
 
     @property
     def repaired(self) -> bool:
@@ -196,6 +212,13 @@ class RepairResult:
                 if self.original.diagnosis is not None
                 else []
             ),
+            "reference": (
+                {"name": r.name, "value": r.value, "needed": r.needed}
+                if (r := self.reference) is not None
+                else None
+            ),
+            "steps_spent": self.steps_spent,
+            "steps_total": self.steps_total,
             "seconds": round(self.seconds, 3),
             "run_seconds": _plain(round(self.run_seconds, 3)),
             "runs": _plain(round(self.runs, 2)),
@@ -210,8 +233,10 @@ class RepairResult:
         table.add_column("candidate")
         table.add_column("remedies")
         table.add_column("findings")
+        table.add_column("steps", justify="right")
         table.add_column(f"{self.metric.name} {arrow}", justify="right")
         table.add_column("time", justify="right")
+        table.add_column("stage")
         table.add_column("verdict")
         for c in self.candidates:
             style = "bold green" if c.accepted else None
@@ -219,8 +244,10 @@ class RepairResult:
                 c.label,
                 " + ".join(c.names) or "-",
                 ", ".join(c.findings) or ("none" if c.diagnosis is not None else "-"),
+                str(c.steps),
                 format_metric(c.metric),
                 f"{c.seconds:.2f}s",
+                c.stage,
                 c.note,
                 style=style,
             )

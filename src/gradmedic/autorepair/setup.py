@@ -58,11 +58,14 @@ class Metric:
         fn: ``fn(outputs, targets) -> float`` on the concatenated validation
             outputs and targets.
         higher_is_better: Direction of improvement.
+        best: The best possible value (1.0 for accuracy), if there is one; the
+            acceptance margin is measured toward it.
     """
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], float]
     higher_is_better: bool = True
+    best: float | None = None
 
     def score(self, value: float) -> float:
         """``value`` oriented so that higher is better; NaN scores worst (-inf)."""
@@ -75,7 +78,7 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return float((outputs.argmax(dim=-1) == targets).float().mean())
 
 
-ACCURACY = Metric("accuracy", _accuracy, higher_is_better=True)
+ACCURACY = Metric("accuracy", _accuracy, higher_is_better=True, best=1.0)
 
 
 def loss_metric(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Metric:

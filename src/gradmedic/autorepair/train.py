@@ -77,23 +77,17 @@ def build(setup: Setup, remedies: Sequence[Remedy], batch: torch.Tensor, seed: i
 
 
 def preflight(setup: Setup, remedies: Sequence[Remedy] = (), *, seed: int = 0) -> Diagnosis:
-    """The diagnosis of the model a run would start from, after one forward and backward pass.
+    """The diagnosis of the model a run would start from: :func:`gradmedic.check`.
 
-    Like :func:`gradmedic.check` (what is wrong at initialization: the structure and
-    the weights, not the training dynamics) on the run's first batch, with the
-    probes of a training run (activations, and recurrent for RNN/LSTM/GRU models).
-    No optimizer step is taken.
+    What is wrong at initialization (the structure and the weights, not the
+    training dynamics), on the run's first batch with the setup's loss; no
+    optimizer step is taken.
     """
-    import gradmedic
+    from gradmedic.preflight import check
 
     x, y = first_batch(setup, seed)
     model = build(setup, remedies, x, seed)
-    model.train()
-    with gradmedic.watch(model, updates=False, **_probes(model)) as monitor:
-        loss = setup.loss_fn(model(x), y)
-        loss.backward()
-        monitor.step(loss=loss)
-        return monitor.diagnose()
+    return check(model, x, y, setup.loss_fn)
 
 
 def _probes(model: nn.Module) -> dict[str, Any]:
@@ -180,7 +174,7 @@ def train(
     Returns:
         The trained model, its diagnosis, validation loss and metric.
     """
-    import gradmedic
+    from gradmedic.monitor import watch
 
     start = time.perf_counter()
     batches = train_batches(setup.data[0], setup.batch_size, torch.Generator().manual_seed(seed))
@@ -191,10 +185,16 @@ def train(
     settings = settings_for(remedies)
     optimizer = make_optimizer(setup, model, settings)
     clip = _Clipper(settings)
+    scheduler = None
+    if settings.warmup is not None:
+        start_factor, warm = settings.warmup
+        scheduler = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=start_factor, total_iters=warm
+        )
     steps, diverged, losses = 0, False, []
     with (
         truncated_bptt(model, settings.truncate_bptt),
-        gradmedic.watch(model, optimizer, **_probes(model)) as monitor,
+        watch(model, optimizer, **_probes(model)) as monitor,
     ):
         while steps < budget.steps and time.perf_counter() - start < budget.seconds:
             x, y = next(batches)
@@ -204,6 +204,8 @@ def train(
             loss.backward()
             clip(model)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             steps += 1
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):

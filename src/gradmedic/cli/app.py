@@ -28,6 +28,7 @@ COMMANDS = (
     "gradmedic.cli.theory",
     "gradmedic.cli.fix",
     "gradmedic.cli.report",
+    "gradmedic.cli.run",
 )
 
 

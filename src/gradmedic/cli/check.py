@@ -8,15 +8,22 @@ the factory, or the model's forward on the batch).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Annotated
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gradmedic.cli.errors import user_errors
 
+if TYPE_CHECKING:
+    import torch
+
 #: The largest random batch ``--input-shape`` may ask for (float32 bytes).
 MAX_INPUT_BYTES = 2 * 2**30
+#: ``--optimizer`` names and their torch classes.
+OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
 def parse_shape(text: str, max_bytes: int = MAX_INPUT_BYTES) -> tuple[int, ...]:
@@ -39,6 +46,40 @@ def parse_shape(text: str, max_bytes: int = MAX_INPUT_BYTES) -> tuple[int, ...]:
     return shape
 
 
+def optimizer_factory(
+    name: str | None, lr: float | None, momentum: float | None
+) -> Callable[[Iterable[Any]], torch.optim.Optimizer] | None:
+    """``--optimizer sgd --lr 0.01 --momentum 0.9`` -> a factory ``params -> Optimizer`` (or None).
+
+    Raises:
+        ValueError: An unknown name, a non-positive or non-finite lr, a momentum
+            outside [0, 1), or --lr/--momentum without --optimizer.
+    """
+    import torch
+
+    if name is None:
+        if lr is not None or momentum is not None:
+            raise ValueError("--lr and --momentum need --optimizer (sgd, adam or adamw)")
+        return None
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of sgd, adam, adamw, got {name!r}")
+    if lr is None:
+        raise ValueError(f"--optimizer {key} needs --lr, e.g. --lr 0.01")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a positive number like 0.01, got {lr:g}")
+    kwargs: dict[str, float] = {"lr": lr}
+    if momentum is not None:
+        if key != "sgd":
+            raise ValueError(
+                f"--momentum is SGD's; {OPTIMIZERS[key]} uses betas (the default 0.9, 0.999)"
+            )
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f"--momentum must be in [0, 1), e.g. 0.9, got {momentum:g}")
+        kwargs["momentum"] = momentum
+    return functools.partial(getattr(torch.optim, OPTIMIZERS[key]), **kwargs)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``check`` command to ``app``."""
 
@@ -59,6 +100,18 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         seed: Annotated[int, typer.Option(help="Seed of the random batch.")] = 0,
+        optimizer: Annotated[
+            str | None,
+            typer.Option(
+                "--optimizer",
+                help="sgd, adam or adamw: also judge the step size (curvature vs stability "
+                "limit, a few trial steps on a copy).",
+            ),
+        ] = None,
+        lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+        momentum: Annotated[
+            float | None, typer.Option("--momentum", help="SGD momentum, in [0, 1).")
+        ] = None,
         as_json: Annotated[
             bool, typer.Option("--json", help="Print the diagnosis as JSON.")
         ] = False,
@@ -72,6 +125,7 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             shape = None if input_shape is None else parse_shape(input_shape)  # before any work
+            factory = optimizer_factory(optimizer, lr, momentum)
             loaded = load_target(target)
             inputs, targets = loaded.inputs, loaded.targets
             if shape is not None:
@@ -83,7 +137,7 @@ def register(app: typer.Typer) -> None:
                     "return (model, inputs) from the factory"
                 )
             with loaded.user_code(inputs=inputs):
-                diagnosis = check(loaded.model, inputs, targets)
+                diagnosis = check(loaded.model, inputs, targets, optimizer=factory)
         if as_json:
             typer.echo(diagnosis.to_json())
         else:

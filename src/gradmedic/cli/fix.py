@@ -37,14 +37,20 @@ def register(app: typer.Typer) -> None:
         total_seconds: Annotated[
             float | None, typer.Option(help="Wall-time cap for the whole search.")
         ] = None,
-        max_candidates: Annotated[int, typer.Option(help="Candidates to train at most.")] = 12,
+        max_candidates: Annotated[
+            int,
+            typer.Option(
+                help="Compute in full training runs: at most this x --steps training steps "
+                "(successive halving spends them on many short runs and the best full ones)."
+            ),
+        ] = 12,
         seed: Annotated[int, typer.Option(help="Seed of every training run.")] = 0,
         strategy: Annotated[
             str, typer.Option(help="ranked (the diagnosis' remedies) or random (baseline).")
         ] = "ranked",
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
-        """Try the diagnosis' remedies by retraining, and print the changes that fix the setup."""
+        """Retrain with the diagnosis' remedies and print the best changes that fix the setup."""
         from rich.console import Console
 
         from gradmedic.autorepair import Budget, Setup, repair
@@ -61,7 +67,7 @@ def register(app: typer.Typer) -> None:
             factory = load_factory(target)
             setup = Setup.from_any(factory())
             with (
-                _ProgressBar(err, max_candidates, quiet=as_json) as report,
+                _ProgressBar(err, max_candidates * steps, quiet=as_json) as report,
                 factory.user_code(),
             ):
                 result = repair(
@@ -87,7 +93,7 @@ def register(app: typer.Typer) -> None:
 
 
 class _ProgressBar:
-    """A transient rich progress bar fed by :class:`gradmedic.autorepair.Progress` events."""
+    """A transient rich progress bar of training steps, fed by ``Progress`` events."""
 
     def __init__(self, console: Any, total: int, quiet: bool) -> None:
         from rich.progress import (
@@ -127,5 +133,5 @@ class _ProgressBar:
             return
         if event.done is None:
             self.bar.update(self.task, description=f"#{event.index}: {describe(event.remedies)}")
-        elif event.done.trained:
-            self.bar.advance(self.task)
+        else:
+            self.bar.update(self.task, completed=event.spent)

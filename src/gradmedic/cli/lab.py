@@ -19,6 +19,7 @@ _VERDICT_STYLE = {
     "holds": "green",
     "holds partly": "yellow",
     "does not hold": "red",
+    "inconclusive": "blue",
     "experiment failed": "bold magenta",
 }
 
@@ -155,7 +156,10 @@ def _print_summary(console: Console, results: list[Result]) -> None:
         table.add_row(r.name, ", ".join(r.claims), verdict, f"{r.seconds:.1f}")
     console.print(table)
     total = sum(r.seconds for r in results)
-    console.print(f"{len(results)} experiments in {total:.1f} s", highlight=False)
+    from gradmedic.report.html import verdict_counts
+
+    tally = ", ".join(f"{n} {v}" for v, n in verdict_counts(results))
+    console.print(f"{len(results)} experiments in {total:.1f} s: {tally}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -127,6 +127,15 @@ class DiagnosisConfig:
             ``[low, high]``: a practitioner lowers by 2x-100x at a time and
             re-measures; a factor outside says the measurement was wrong
             (1e-30 from a zero-initialized layer), not the lr.
+        update_ratio_small: A run whose largest per-layer ``||dw|| / ||w||``
+            has a median below this (a hundredth of the healthy 1e-2) takes
+            steps too small to learn in (``small_steps``), when its loss
+            also stays above ``small_steps_loss`` of its start.
+        small_steps_loss: ...the mean loss of the last tenth of the records
+            over the first tenth's: at least this (fell by 10% or less).
+        lr_raise_bounds: The suggested learning-rate raise stays in
+            ``[low, high]`` (3x..100x): bigger jumps say the measurement, not
+            the lr, is wrong.
         context: Model-derived facts that the rows do not hold, e.g.
             ``{"activations": {layer: "Sigmoid"}, "weight_scale": {layer: s},
             "forward_order": [module, ...], "structure": {...}, "optimizer":
@@ -154,6 +163,9 @@ class DiagnosisConfig:
     clip_percentile: float = 90.0
     clip_bounds: tuple[float, float] = (1e-3, 1e3)
     lr_factor_bounds: tuple[float, float] = (0.01, 0.5)
+    update_ratio_small: float = 1e-4
+    small_steps_loss: float = 0.9
+    lr_raise_bounds: tuple[float, float] = (3.0, 100.0)
     context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -171,6 +183,12 @@ class DiagnosisConfig:
             raise ValueError("loss_rise and blowup must be > 1")
         if not 0 < self.clip_percentile <= 100:
             raise ValueError(f"clip_percentile must be in (0, 100], got {self.clip_percentile}")
+        if not 0 < self.update_ratio_small < self.update_ratio_healthy:
+            raise ValueError("update_ratio_small must be in (0, update_ratio_healthy)")
+        if not 0 < self.small_steps_loss <= 1:
+            raise ValueError(f"small_steps_loss must be in (0, 1], got {self.small_steps_loss}")
+        if not 1 < self.lr_raise_bounds[0] <= self.lr_raise_bounds[1]:
+            raise ValueError("lr_raise_bounds must be (low, high) with 1 < low <= high")
         for name in ("clip_bounds", "lr_factor_bounds"):
             low, high = getattr(self, name)
             if not 0 < low <= high:

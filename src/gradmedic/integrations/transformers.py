@@ -1,12 +1,18 @@
 """Hugging Face ``Trainer`` callback: ``Trainer(..., callbacks=[GradmedicTrainerCallback()])``.
 
 Records just before each optimizer step (after the Trainer's own
-``max_grad_norm`` clipping). At the end of training the diagnosis is in
-``callback.diagnosis``.
+``max_grad_norm`` clipping), with the loss the model returned. At every
+``logging_steps`` it adds its summary series (``gradmedic/<statistic>/<layer>``)
+to the Trainer's logs, so every ``report_to`` backend gets them: the callback
+moves itself ahead of the reporting callbacks. At the end of training the
+diagnosis is printed, saved as ``gradmedic-diagnosis.json`` in ``output_dir``
+and kept in ``callback.diagnosis``.
 """
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -15,26 +21,65 @@ from gradmedic.integrations._session import MonitorSession, SessionCallback
 
 
 class GradmedicTrainerCallback(SessionCallback, TrainerCallback):
-    """Record gradient flow during ``Trainer.train``; diagnose at the end.
+    """Record gradient flow during ``Trainer.train``; add it to the logs; diagnose at the end.
 
     Args:
+        per_layer: Log a series per layer too, not only the summary.
+        show: Print the diagnosis at the end of training (main process).
         **watch_kwargs: Options of :func:`gradmedic.watch` (``every``, ``sink``, ...).
     """
 
-    def __init__(self, **watch_kwargs: Any) -> None:
-        self.session = MonitorSession(**watch_kwargs)
+    def __init__(self, *, per_layer: bool = False, show: bool = True, **watch_kwargs: Any) -> None:
+        self.session = MonitorSession(per_layer=per_layer, **watch_kwargs)
+        self.show = show
+
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Move ahead of the reporting callbacks, so they see the series added in ``on_log``."""
+        _move_first(self)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Attach to the model and the optimizer the Trainer built."""
+        _move_first(self)
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None or optimizer is None:
             raise RuntimeError("gradmedic: the Trainer passed no model/optimizer to on_train_begin")
+        self.session.offset = (
+            state.global_step if not self.session.previous else self.session.offset
+        )
         self.session.start(model, optimizer)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, float] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """Add the newest record's series to ``logs``."""
+        if logs is not None and "loss" in logs:  # a training log, not an evaluation one
+            logs.update(self.session.series())
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Diagnose and detach."""
+        """Diagnose and detach; print and save the diagnosis."""
         self.session.stop()
+        if state.is_world_process_zero:
+            self.session.finish(args.output_dir, show=self.show)
+
+
+def _move_first(callback: Any) -> None:
+    """Put ``callback`` first in the CallbackHandler that is calling it (found on the stack)."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(4):
+        if frame is None:
+            return
+        handler = frame.f_locals.get("self")
+        callbacks = getattr(handler, "callbacks", None)
+        if isinstance(callbacks, list) and callback in callbacks:
+            if callbacks[0] is not callback:
+                callbacks.remove(callback)
+                callbacks.insert(0, callback)
+            return
+        frame = frame.f_back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,12 +11,110 @@ from typing import Any
 from gradmedic.findings import _plain
 
 
+def finite_numbers(value: Any) -> tuple[Any, dict[str, str]]:
+    """``value`` as JSON data whose numbers are all finite.
+
+    A non-finite float becomes ``None`` and its JSON Pointer (RFC 6901) goes to
+    the second result with the reason (``"nan"``, ``"inf"`` or ``"-inf"``), so a
+    numeric array stays numeric and the reason is still recorded.
+
+    Example:
+        >>> finite_numbers({"loss": [1.0, float("inf")]})
+        ({'loss': [1.0, None]}, {'/loss/1': 'inf'})
+    """
+    flags: dict[str, str] = {}
+
+    def walk(v: Any, path: str) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x, f"{path}/{_escape(k)}") for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x, f"{path}/{i}") for i, x in enumerate(v)]
+        if isinstance(v, float) and not math.isfinite(v):
+            flags[path] = str(v)
+            return None
+        return v
+
+    return walk(_float_plain(value), ""), flags
+
+
+def odd_keys(numbers: Mapping[str, Any]) -> list[str]:
+    """Keys of ``numbers`` (at any depth) that break the lab's key style.
+
+    A key is a name without ``.`` or ``/`` (those separate the parts of a path,
+    as in ``runs/plain/loss``); the sentences under ``checks`` are exempt.
+    """
+    bad: list[str] = []
+
+    def walk(v: Any, path: str) -> None:
+        if isinstance(v, Mapping):
+            for k, x in v.items():
+                if path == "" and k == "checks":
+                    continue
+                if "." in str(k) or "/" in str(k):
+                    bad.append(f"{path}/{k}")
+                walk(x, f"{path}/{k}")
+        elif isinstance(v, list | tuple):
+            for x in v:
+                walk(x, path)
+
+    walk(numbers, "")
+    return bad
+
+
+def restore_nonfinite(numbers: Any, nonfinite: Mapping[str, str]) -> Any:
+    """Inverse of :func:`finite_numbers`: put the non-finite floats back (in place)."""
+    for pointer, reason in nonfinite.items():
+        keys = [_unescape(k) for k in pointer.split("/")[1:]]
+        if not keys:
+            continue
+        node = numbers
+        try:
+            for k in keys[:-1]:
+                node = node[int(k)] if isinstance(node, list) else node[k]
+            last = keys[-1]
+            if isinstance(node, list):
+                node[int(last)] = float(reason)
+            else:
+                node[last] = float(reason)
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue  # a pointer that no longer fits: leave the null
+    return numbers
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _unescape(key: str) -> str:
+    return key.replace("~1", "/").replace("~0", "~")
+
+
+def _float_plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):  # findings' old spelling
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _float_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_float_plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, Enum):
+        return _float_plain(value.tolist())
+    return _plain(value)
+
+
 class Verdict(str, Enum):
-    """How a claim fared under measurement (``ERROR``: the experiment itself failed)."""
+    """How a claim fared under measurement.
+
+    ``INCONCLUSIVE``: a precondition of the test failed (e.g. the net did not
+    learn, so "clipping does not hurt" cannot be judged); ``ERROR``: the
+    experiment itself failed.
+    """
 
     HOLDS = "holds"
     PARTLY = "holds partly"
     FAILS = "does not hold"
+    INCONCLUSIVE = "inconclusive"
     ERROR = "experiment failed"
 
     def __str__(self) -> str:
@@ -46,13 +145,16 @@ def judge(checks: Mapping[str, bool]) -> Verdict:
 def combine(verdicts: Iterable[Verdict]) -> Verdict:
     """Several verdicts on one claim: all holds -> holds, all fails -> fails, else partly.
 
-    An ``ERROR`` among them makes the combination ``ERROR``.
+    An ``ERROR`` among them makes the combination ``ERROR``; ``INCONCLUSIVE``
+    ones are left out unless all are.
     """
     vs = set(verdicts)
     if not vs:
         raise ValueError("verdicts is empty: nothing to combine")
     if Verdict.ERROR in vs:
         return Verdict.ERROR
+    if len(vs) > 1:
+        vs.discard(Verdict.INCONCLUSIVE)
     if len(vs) == 1:
         return vs.pop()
     return Verdict.PARTLY
@@ -131,14 +233,20 @@ class Result:
         return self.per_claim.get(claim, self.verdict)
 
     def to_dict(self, figure_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """Plain-data form for results.json; figures become the paths in ``figure_paths``."""
+        """Plain-data form for results.json; figures become the paths in ``figure_paths``.
+
+        Non-finite numbers become ``None``; ``nonfinite`` maps their paths
+        inside ``numbers`` to ``"nan"``, ``"inf"`` or ``"-inf"``.
+        """
+        numbers, nonfinite = finite_numbers(self.numbers)
         return {
             "name": self.name,
             "claims": list(self.claims),
             "title": self.title,
             "setup": self.setup,
             "expected": self.expected,
-            "numbers": _plain(self.numbers),
+            "numbers": numbers,
+            "nonfinite": nonfinite,
             "rule": self.rule,
             "verdict": self.verdict.value,
             "per_claim": {c: self.claim_verdict(c).value for c in self.claims},
@@ -159,7 +267,7 @@ class Result:
             title=data["title"],
             setup=data["setup"],
             expected=data["expected"],
-            numbers=dict(data["numbers"]),
+            numbers=restore_nonfinite(dict(data["numbers"]), data.get("nonfinite", {})),
             rule=data["rule"],
             verdict=Verdict(data["verdict"]),
             explanation=data.get("explanation", ""),

@@ -1,7 +1,10 @@
 """The claims catalogue of the source material, as data (see CLAIMS.md).
 
 Each claim has an id (``K`` for causes, ``R`` for remedies), a short title, the
-claim in one or two sentences, and the seed texts that make it.
+claim in one or two sentences, and the source texts that make it (by number:
+:data:`SOURCES` gives each one's title). The source texts are five Chinese
+articles and study notes on vanishing and exploding gradients; "source 004" in
+the lab means the fifth of them, not a random seed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ class Claim:
         id: ``"K1"`` ... ``"K7"``, ``"R1"`` ... ``"R10"``.
         title: A few words.
         text: The claim.
-        seeds: The seed files (by number) that make it.
+        seeds: The source texts (by number, keys of :data:`SOURCES`) that make it.
     """
 
     id: str
@@ -26,9 +29,157 @@ class Claim:
     seeds: tuple[str, ...]
 
     @property
+    def sources(self) -> list[Source]:
+        """The source texts that make this claim."""
+        return [SOURCES[s] for s in self.seeds]
+
+    @property
     def kind(self) -> str:
         """``"cause"`` or ``"remedy"``."""
         return "cause" if self.id.startswith("K") else "remedy"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source text of the claims catalogue.
+
+    Attributes:
+        id: ``"000"`` ... ``"004"``.
+        title: The title as the text gives it (Chinese).
+        english: The title in English.
+        author: Author or origin where the text names one, else a description.
+        about: What the text covers, in a few words.
+    """
+
+    id: str
+    title: str
+    english: str
+    author: str
+    about: str
+
+    @property
+    def label(self) -> str:
+        """``"source 004, 'Vanishing and exploding gradients'"``: how the lab cites it."""
+        return f"source {self.id}, '{self.english}'"
+
+
+SOURCES: dict[str, Source] = {
+    s.id: s
+    for s in (
+        Source(
+            "000",
+            "缓解梯度消失和梯度爆炸的方法",
+            "Ways to ease vanishing and exploding gradients",
+            "a one-minute blog post (author not named)",
+            "residual connections, ReLU, initialization, batch norm, GRU as a gated shortcut",
+        ),
+        Source(
+            "001",
+            "深度学习中的梯度",
+            "Gradients in deep learning",
+            "an article (author not named)",
+            "gradient descent, the causes of vanishing/exploding gradients, five remedies",
+        ),
+        Source(
+            "002",
+            "RNN存在的问题 / 梯度消失的对策——LSTM",
+            "The problems of RNNs; LSTM against vanishing gradients",
+            "study notes on a textbook chapter (the book's W_h power experiment and clip_grads)",
+            "backprop through time, gradient clipping, LSTM gates",
+        ),
+        Source(
+            "003",
+            "梯度爆炸与梯度消失",
+            "Exploding and vanishing gradients",
+            "handwritten-style lecture notes (author not named)",
+            "the MLP Jacobian product, dead ReLU, ReLU activation rate",
+        ),
+        Source(
+            "004",
+            "梯度消失和梯度爆炸",
+            "Vanishing and exploding gradients",
+            "an article with TensorFlow code on MNIST (author not named)",
+            "the sigmoid chain, initialization, ReLU variants, batch-norm and clipping recipes",
+        ),
+    )
+}
+"""The source texts, by id (their files are ``seeds/NNN_*.txt`` of the project's notes)."""
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper whose own result the lab reproduces beside the source texts' claims.
+
+    Attributes:
+        id: Short key, e.g. ``"he2015"``.
+        authors: As usually cited.
+        year: Publication year.
+        title: Title.
+        venue: Where it appeared.
+        url: A stable link (arXiv or the proceedings).
+    """
+
+    id: str
+    authors: str
+    year: int
+    title: str
+    venue: str
+    url: str
+
+    @property
+    def cite(self) -> str:
+        """``"He et al. 2015, 'Delving Deep into Rectifiers'"``."""
+        return f"{self.authors} {self.year}, '{self.title}'"
+
+
+PAPERS: dict[str, Paper] = {
+    p.id: p
+    for p in (
+        Paper(
+            "glorot2010",
+            "Glorot & Bengio",
+            2010,
+            "Understanding the difficulty of training deep feedforward neural networks",
+            "AISTATS 2010",
+            "https://proceedings.mlr.press/v9/glorot10a.html",
+        ),
+        Paper(
+            "pascanu2013",
+            "Pascanu et al.",
+            2013,
+            "On the difficulty of training recurrent neural networks",
+            "ICML 2013",
+            "https://arxiv.org/abs/1211.5063",
+        ),
+        Paper(
+            "he2015",
+            "He et al.",
+            2015,
+            "Delving Deep into Rectifiers: Surpassing Human-Level Performance on ImageNet "
+            "Classification",
+            "ICCV 2015",
+            "https://arxiv.org/abs/1502.01852",
+        ),
+        Paper(
+            "schoenholz2017",
+            "Schoenholz et al.",
+            2017,
+            "Deep Information Propagation",
+            "ICLR 2017",
+            "https://arxiv.org/abs/1611.01232",
+        ),
+        Paper(
+            "pennington2017",
+            "Pennington et al.",
+            2017,
+            "Resurrecting the sigmoid in deep learning through dynamical isometry: theory and "
+            "practice",
+            "NeurIPS 2017",
+            "https://arxiv.org/abs/1711.04735",
+        ),
+    )
+}
+"""The papers of the paper-result experiments (``paper_*``), by id."""
 
 
 _CLAIMS = (

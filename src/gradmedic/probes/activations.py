@@ -132,19 +132,29 @@ class ActivationProbe(Probe):
         self._inputs: dict[str, torch.Tensor] = {}
         self._max: dict[str, float] = {}
         self.on_error: Any = None
+        self._model: nn.Module | None = None
+        self._channels_first: set[str] = set()
 
     def attach(self, index: LayerIndex) -> None:
-        """Hook every activation module of ``index.model``."""
-        model = index.model
-        channels_first = _channels_first(model)
+        """Hook every activation module of ``index.model`` (on sampled steps only)."""
+        self._model = index.model
+        self._channels_first = _channels_first(index.model)
+        for name, module in index.model.named_modules():
+            if is_activation(module):
+                self._max[name] = max_slope(module)
+        self._hook_all()
+
+    def _hook_all(self) -> None:
+        model = self._model
+        if model is None or len(self._hooks):
+            return
         self._hooks.forward_pre(model, self._new_forward)
         for name, module in model.named_modules():
-            if not is_activation(module):
+            if name not in self._max:
                 continue
-            self._max[name] = max_slope(module)
             if getattr(module, "inplace", False):  # the forward hook would see the output
                 self._hooks.forward_pre(module, self._keep_input(name))
-            self._hooks.forward(module, self._hook(name, name in channels_first))
+            self._hooks.forward(module, self._hook(name, name in self._channels_first))
 
     def _active(self) -> bool:
         return self._recording and self._step % self.every == 0 and torch.is_grad_enabled()
@@ -210,8 +220,16 @@ class ActivationProbe(Probe):
         stats.count += d.numel()
 
     def set_recording(self, recording: bool) -> None:
-        """Only recorded steps pay for the hooks."""
+        """Only sampled steps pay for the hooks: they are removed in between.
+
+        An idle forward hook still costs every module call a Python round trip
+        (and torch's slow call path), which a 1000-layer net feels.
+        """
         self._recording = recording
+        if recording and self._step % self.every == 0:
+            self._hook_all()
+        elif len(self._hooks):
+            self._hooks.remove()
 
     def collect(self, step: int) -> dict[str, Any]:
         """The step's statistics per activation module (tensors stay on device)."""
@@ -242,5 +260,6 @@ class ActivationProbe(Probe):
 
     def detach(self) -> None:
         """Remove every hook."""
+        self._model = None
         self._hooks.remove()
         self.reset()

@@ -23,7 +23,7 @@ from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.record import NamedVector
-from gradmedic.tensorlists import stack_on
+from gradmedic.tensorlists import segment_max, stack_on
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -123,9 +123,14 @@ class DeltaProbe(Probe):
             out["_backward_order"] = list(names)
         if self._extrema:
             names = tuple(self._extrema)
-            first = next(iter(self._extrema.values()))[0]
-            maxima = [stack_on(v, first.device).abs().max() for v in self._extrema.values()]
-            out["output_max"] = NamedVector(names, torch.stack(maxima))
+            flat = [t for ext in self._extrema.values() for t in ext]
+            device = flat[0].device
+            # One stack and one scatter for every layer (NaN propagates into the max).
+            segments = torch.tensor(
+                [k for k, ext in enumerate(self._extrema.values()) for _ in ext], device=device
+            )
+            values = stack_on(flat, device).abs()
+            out["output_max"] = NamedVector(names, segment_max(values, segments, len(names)))
         return out
 
     def reset(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,14 +11,23 @@ import torch
 
 from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
-from gradmedic.record import NamedVector
+from gradmedic.sharding import (
+    Deferred,
+    any_dtensor,
+    flat_shard_layout,
+    fsdp1_group,
+    sharded_record,
+    version_of,
+    without_partial,
+)
 from gradmedic.tensorlists import (
-    abs_maxes,
     foreach_norms,
-    segment_max,
-    segment_sqrt_sum_sq,
+    norms_and_maxes,
     stack_on,
 )
+
+#: max |g| below this (2^-60): a float32 sum of squares may have lost the gradient.
+_TINY = 2.0**-60
 
 
 class GradientProbe(Probe):
@@ -46,8 +56,8 @@ class GradientProbe(Probe):
         self.index: LayerIndex | None = None
         self._offered: tuple[list[int], list[torch.Tensor], torch.Tensor] | None = None
         self._snapshot: _Snapshot | None = None
-        #: The global norm of the last collected step, on the host.
-        self.last_total: float | None = None
+        #: The global norm of the last collected step, a 0-d tensor on the gradients' device.
+        self.last_total: torch.Tensor | None = None
         #: Set by the monitor before :meth:`collect`: the GradScaler's scale, if any.
         self.loss_scale: torch.Tensor | None = None
 
@@ -62,16 +72,18 @@ class GradientProbe(Probe):
         self._offered = ([id(g) for g in grads], norms, scale)
 
     def snapshot(self) -> None:
-        """Read the per-parameter L2 norms now (the end of a backward pass)."""
+        """Read the per-parameter L2 norms and maxima now (the end of a backward pass)."""
         picked = self._picked()
         if not picked:
             self._snapshot = None
             return
         grads = [g for _, g in picked]
+        l2, amax = self._norms(grads, grads[0].device)
         self._snapshot = _Snapshot(
             tuple(i for i, _ in picked),
-            tuple((id(g), g._version) for g in (grads[0], grads[-1])),
-            foreach_norms(grads, upcast=True),
+            tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
+            l2,  # type: ignore[arg-type]
+            amax,
         )
 
     def changed_since_snapshot(self) -> bool:
@@ -83,7 +95,7 @@ class GradientProbe(Probe):
         # Clearing, clipping and unscaling touch every gradient: the first and last tell.
         for k, (ident, version) in zip((0, -1), snap.sentinels, strict=True):
             g = params[snap.positions[k]].grad
-            if g is None or id(g) != ident or g._version != version:
+            if g is None or id(g) != ident or version_of(g) != version:
                 return True
         return False
 
@@ -98,72 +110,112 @@ class GradientProbe(Probe):
             return []
         return [(i, p.grad) for i, p in enumerate(self.index.params) if p.grad is not None]
 
+    def _norms(
+        self, grads: list[torch.Tensor], device: torch.device, norms: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The one place per-parameter statistics are computed from the gradient list.
+
+        Float64 vectors on ``device``: L2 norms (float32 sums of squares; None unless
+        ``norms``) and max ``|g|``.
+        """
+        return norms_and_maxes(grads, device, norms)
+
     def collect(self, step: int) -> dict[str, Any]:
-        """Gradient statistics of the current ``.grad`` tensors."""
+        """Gradient statistics of the current ``.grad`` tensors, as device tensors (no host read).
+
+        Per step: the per-parameter L2 norms and max ``|g|`` and the global norm;
+        everything per layer, whether every gradient is finite (from max ``|g|``,
+        into which NaN/Inf propagate), and the rare cases a float32 pass cannot
+        settle, are derived when the record is read (:class:`_GradientStats`).
+        """
         index = self.index
+        if index is not None and fsdp1_group(index.model) is not None:
+            return self._collect_flat_shards(index)  # FSDP1: every rank its flat slices
         picked = self._picked()
         if index is None or not picked:
             return {}
-        pos = [i for i, _ in picked]
+        pos = tuple(i for i, _ in picked)
         grads = [g for _, g in picked]
         device = grads[0].device
         snap = self._snapshot
-        if snap is not None and snap.positions != tuple(pos):
+        if snap is not None and snap.positions != pos:
             snap = None  # gradients appeared or vanished since the backward pass
+        if any_dtensor(grads):  # sharded: local statistics now, reduced when the record is read
+            return self._collect_sharded(index, pos, grads, snap)
         pre: torch.Tensor | None = None
         # GradScaler unscales in place without bumping version counters: with a loss
         # scale, the gradients are always read again.
         if snap is not None and self.loss_scale is None and not self.changed_since_snapshot():
-            l2 = stack_on(snap.norms, device)
+            l2, inf = snap.norms.to(device), snap.maxes.to(device)
         else:
-            l2 = stack_on(self._reuse_or_compute(grads), device)
+            offered = self._offered_norms(grads, device)
+            computed, inf = self._norms(grads, device, norms=offered is None)
+            l2 = offered if offered is not None else computed  # type: ignore[assignment]
             if snap is not None:
-                pre = stack_on(snap.norms, device)
+                pre = snap.norms.to(device)
                 if self.loss_scale is not None:
                     pre = pre / self.loss_scale.to(device=device, dtype=pre.dtype)
-        # One host read per recorded step (the global norm and the smallest norm):
-        # it tells whether a float32 sum of squares overflowed or underflowed, and
-        # the monitor uses the norm to measure the update of a step whose norm jumped.
-        total = l2.square().sum().sqrt()
-        self.last_total, smallest = torch.stack([total, l2.min()]).tolist()
-        if not math.isfinite(self.last_total) or smallest == 0:
-            # Rare: entries near 1e28 overflow the squares, near 1e-26 underflow them.
-            # float64 holds the square of every float32; read the gradients again in it.
-            l2 = stack_on(foreach_norms(grads, wide=True), device)
-            total = l2.square().sum().sqrt()
-            self.last_total = float(total)
-        inf = abs_maxes(grads, device)
-        names, seg = index.segments(tuple(pos), device)
-        layer_l2 = segment_sqrt_sum_sq(l2, seg, len(names))
-        layer_max = segment_max(inf, seg, len(names))
+        # Per step only the per-parameter vectors and the global norm (for the norm-jump
+        # rule) are computed; per-layer values and flags are derived when read.
+        total = torch.linalg.vector_norm(l2)
+        self.last_total = total
         out: dict[str, Any] = {
-            "grad_norm": NamedVector(names, layer_l2),
-            "grad_max": NamedVector(names, layer_max),
-            "param_grad_norm": NamedVector(tuple(index.param_names[i] for i in pos), l2),
             "global_grad_norm": total,
+            "_grad_l2": l2,
+            "_grad_max": inf,
+            "_gradient_stats": _GradientStats(index, pos, grads[0], grads[-1]),
         }
-        # Counting bad elements needs another pass, which only a non-finite step pays.
-        finite = math.isfinite(self.last_total)
-        counts = torch.zeros(len(names), dtype=torch.long, device=device)
-        if not finite:
-            bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).to(device)
-            counts.index_add_(0, seg, bad)
-        out["grad_nonfinite"] = NamedVector(names, counts)
-        out["_grads_finite"] = finite
         if pre is not None:
-            pre_layer = segment_sqrt_sum_sq(pre, seg, len(names))
-            out["pre_clip_grad_norm"] = NamedVector(names, pre_layer)
-            out["pre_clip_global_grad_norm"] = pre.square().sum().sqrt()
+            out["_grad_pre"] = pre
+            out["pre_clip_global_grad_norm"] = torch.linalg.vector_norm(pre)
         return out
 
-    def _reuse_or_compute(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _collect_flat_shards(self, index: LayerIndex) -> dict[str, Any]:
+        self.last_total = None  # known only when read: the norm-jump rule stays off
+        pos = tuple(i for i, p in enumerate(index.params) if p.requires_grad)
+        names, seg = index.segments(pos, torch.device("cpu"))
+        # a rank owning no slice of a parameter has no .grad: zeros keep every rank's list alike
+        params = [index.params[i] for i in pos]
+        grads = [p.grad if p.grad is not None else p.detach().new_zeros(0) for p in params]
+        l2, inf = self._norms(grads, grads[0].device)
+        layout = flat_shard_layout(len(grads), fsdp1_group(index.model))
+        qualified = tuple(index.param_names[i] for i in pos)
+        return sharded_record(grads, l2, inf, None, seg, names, qualified, layout)  # type: ignore[arg-type]
+
+    def _collect_sharded(
+        self, index: LayerIndex, pos: tuple[int, ...], grads: list[torch.Tensor], snap: Any
+    ) -> dict[str, Any]:
+        self.last_total = None  # known only when read: the norm-jump rule stays off
+        names, seg = index.segments(pos, torch.device("cpu"))
+        changed = snap is not None and (
+            self.loss_scale is not None or self.changed_since_snapshot()
+        )
+        grads = without_partial(grads)
+        pre = None
+        if snap is not None and not changed:
+            l2, inf = snap.norms, snap.maxes  # the local pieces', read at the end of backward
+        else:
+            l2, inf = self._norms(grads, grads[0].device)
+            if snap is not None:
+                pre = snap.norms
+                if self.loss_scale is not None:
+                    pre = pre / self.loss_scale.to(device=pre.device, dtype=pre.dtype)
+        params = tuple(index.param_names[i] for i in pos)
+        return sharded_record(grads, l2, inf, pre, seg, names, params)
+
+    def _offered_norms(
+        self, grads: list[torch.Tensor], device: torch.device
+    ) -> torch.Tensor | None:
+        """Norms a gradmedic clipping call computed for exactly these gradients, rescaled."""
         offered = self._offered
-        if offered is not None:
-            ids, norms, scale = offered
-            lookup = dict(zip(ids, norms, strict=True))
-            if all(id(g) in lookup for g in grads):
-                return [lookup[id(g)] * scale for g in grads]
-        return foreach_norms(grads, upcast=True)
+        if offered is None:
+            return None
+        ids, norms, scale = offered
+        lookup = dict(zip(ids, norms, strict=True))
+        if not all(id(g) in lookup for g in grads):
+            return None
+        l2 = stack_on([lookup[id(g)] for g in grads], device)
+        return l2 * torch.as_tensor(scale, device=device, dtype=l2.dtype)
 
     def detach(self) -> None:
         """Nothing to remove."""
@@ -178,4 +230,92 @@ class _Snapshot:
     positions: tuple[int, ...]
     #: ``(id, version counter)`` of the first and the last gradient.
     sentinels: tuple[tuple[int, int], ...]
-    norms: list[torch.Tensor]
+    norms: torch.Tensor
+    maxes: torch.Tensor
+
+
+class _GradientStats(Deferred):
+    """A step's per-layer gradient entries, derived from the per-parameter vectors on read.
+
+    Also settles what the step's float32 pass could not: when a gradient holds a
+    NaN/Inf, or its sum of squares overflowed or underflowed (entries near 1e28 or
+    1e-26), and the step's gradients are still the ones recorded (same first and
+    last tensor, same version counters: the record is read before the next
+    backward, as ``monitor.step()`` followed by ``history.rows()`` does), their
+    norms are taken again in float64 and their NaN/Inf elements counted. Otherwise
+    the float32 norms stay, ``grad_nonfinite`` counts the gradients holding a
+    NaN/Inf (a lower bound on the elements) and ``grad_nonfinite_exact`` is False.
+    """
+
+    def __init__(
+        self, index: LayerIndex, positions: tuple[int, ...], first: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        self.index, self.positions = index, positions
+        self.layers = [index.param_layer[i] for i in positions]
+        self.layer_names = index.names  # as ordered now (the index may reorder later)
+        self.sentinels = [(weakref.ref(t), t._version) for t in (first, last)]
+
+    def fill(self, row: dict[str, Any]) -> None:
+        """Write the per-layer and per-parameter gradient entries into ``row``."""
+        l2: list[float] = row.pop("_grad_l2")
+        amax: list[float] = row.pop("_grad_max")
+        pre: list[float] | None = row.pop("_grad_pre", None)
+        bad = [0 if m < math.inf else 1 for m in amax]  # NaN and inf fail the test
+        finite = not any(bad)
+        recheck = not finite or any(
+            (0 < m < _TINY) or (m < math.inf and not n < math.inf)
+            for n, m in zip(l2, amax, strict=True)
+        )
+        exact = self._exact() if recheck else None
+        if exact is not None:
+            l2, bad = exact
+            row["global_grad_norm"] = math.sqrt(sum(v * v for v in l2))
+        elif not finite:
+            row["grad_nonfinite_exact"] = False
+        names = [self.layer_names[k] for k in sorted(set(self.layers))]
+        rank = {k: j for j, k in enumerate(sorted(set(self.layers)))}
+        seg = [rank[k] for k in self.layers]
+        row["grad_norm"] = dict(zip(names, _root_sum_sq(l2, seg, len(names)), strict=True))
+        row["grad_max"] = dict(zip(names, _seg_max(amax, seg, len(names)), strict=True))
+        params = [self.index.param_names[i] for i in self.positions]
+        row["param_grad_norm"] = dict(zip(params, l2, strict=True))
+        counts = [0] * len(names)
+        for k, b in zip(seg, bad, strict=True):
+            counts[k] += b
+        row["grad_nonfinite"] = dict(zip(names, counts, strict=True))
+        row["_grads_finite"] = finite
+        if pre is not None:
+            row["pre_clip_grad_norm"] = dict(
+                zip(names, _root_sum_sq(pre, seg, len(names)), strict=True)
+            )
+
+    def _exact(self) -> tuple[list[float], list[int]] | None:
+        """Float64 norms and NaN/Inf counts, if the gradients are still the recorded ones."""
+        params = self.index.params
+        if max(self.positions) >= len(params):
+            return None
+        grads = [params[i].grad for i in self.positions]
+        for g, (ref, version) in zip((grads[0], grads[-1]), self.sentinels, strict=True):
+            if g is None or ref() is not g or g._version != version:
+                return None
+        if any(g is None for g in grads):
+            return None
+        present = [g for g in grads if g is not None]
+        device = present[0].device
+        l2 = stack_on(foreach_norms(present, wide=True), device).tolist()
+        bad = torch.stack([(~torch.isfinite(g)).sum() for g in present]).tolist()
+        return l2, bad
+
+
+def _root_sum_sq(values: list[float], seg: list[int], n: int) -> list[float]:
+    sums = [0.0] * n
+    for k, v in zip(seg, values, strict=True):
+        sums[k] += v * v
+    return [math.sqrt(v) for v in sums]
+
+
+def _seg_max(values: list[float], seg: list[int], n: int) -> list[float]:
+    out = [-math.inf] * n
+    for k, v in zip(seg, values, strict=True):
+        out[k] = v if math.isnan(v) or math.isnan(out[k]) else max(out[k], v)
+    return out

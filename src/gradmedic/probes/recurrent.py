@@ -240,7 +240,10 @@ class RecurrentProbe(Probe):
     # ---- recomputation ---------------------------------------------------
     def _profile(self, key: str, module: nn.RNNBase, cap: _Capture) -> dict[str, Any]:
         seeds = self._seed_grads(cap)
-        isolate = _reads_early_steps(seeds.get("out"), 2 if module.bidirectional else 1)
+        early = _reads_early_steps(seeds.get("out"), 2 if module.bidirectional else 1)
+        # Whether the loss read early outputs is a device flag: the isolated profile is
+        # always computed and dropped on read when it would equal dh_norm (no host read).
+        isolate = early is not None
         with torch.enable_grad():
             streams = unrolled_gradients(module, cap.x, cap.hx, cap.cx, seeds, isolate)
         for stream, stats in streams.items():
@@ -257,6 +260,7 @@ class RecurrentProbe(Probe):
             "batch": cap.x.shape[1],
             **last,
             "streams": streams,
+            "_isolated": early if early is not None else False,
         }
 
     def _warn(self, key: str, message: str) -> None:
@@ -265,19 +269,32 @@ class RecurrentProbe(Probe):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _reads_early_steps(g_out: torch.Tensor | None, dirs: int) -> bool:
+def _reads_early_steps(g_out: torch.Tensor | None, dirs: int) -> torch.Tensor | None:
     """Whether the loss reads outputs before each direction's last processed step.
 
-    Only then does ``dh_norm`` mix in direct terms and the isolated profile differ
-    (one host synchronisation, once per recorded step).
+    Only then does ``dh_norm`` mix in direct terms and the isolated profile differ.
+    A 0-d device tensor (no host read), or None when it cannot (one step, no output).
     """
     if g_out is None or g_out.shape[0] < 2:
-        return False
+        return None
     width = g_out.shape[-1] // dirs
     early = g_out[:-1, :, :width].ne(0).any()
     if dirs == 2:
         early = early | g_out[1:, :, width:].ne(0).any()
-    return bool(early)
+    return early
+
+
+_ISOLATED_KEYS = ("dh_norm_last", "dc_norm_last")
+
+
+def settle_isolated(row: dict[str, Any]) -> None:
+    """On read: drop each profile's isolated norms where the loss read no early output."""
+    for profile in (row.get("recurrent") or {}).values():
+        if not isinstance(profile, dict) or profile.pop("_isolated", True):
+            continue
+        for stats in (profile, *(profile.get("streams") or {}).values()):
+            for key in _ISOLATED_KEYS:
+                stats.pop(key, None)
 
 
 def _store(sink: dict[str, torch.Tensor], name: str) -> Callable[[torch.Tensor], None]:

@@ -1,24 +1,109 @@
-"""Update size: ||delta w|| / ||w|| per layer, sampled.
+"""Update size: ||delta w|| / ||w|| per layer, from a bounded copy of the parameters.
 
 With an optimizer, ``before()`` runs in its step pre-hook and ``after()`` in
 its post-hook. Without one, the monitor calls ``after()`` then ``before()``
 at each ``step()``, so the update measured is the change since the previous
 recorded step (one optimizer step when every step is recorded).
 
-Taking a snapshot copies the parameters, so updates are sampled
-(``update_every``) to keep the cost of monitoring low.
+A measurement copies one *group* of layers, at most ``BUDGET_FRACTION`` of
+the parameter elements (and never less than ``BUDGET_FLOOR`` elements, so a
+small model is copied whole); successive scheduled measurements take the
+groups in turn, so every layer is measured once per ``len(groups)``
+scheduled steps. A layer larger than the budget alone is measured on a fixed
+strided sample of each of its parameters (every ``stride``-th element):
+``||dw||`` is the sample's norm times ``sqrt(numel / sample size)``, and
+``||w||`` is always exact (a read of the whole parameter, no copy).
+
+The first measurement also reads ``||w||`` of every layer (norms only, no copy):
+the detectors set zero-initialized layers aside (LoRA B matrices, zero-init
+residual branches, whose ratio is a division by zero), and they can only tell
+such a layer from the record where its ``param_norm`` is 0.
+
+Whether a step's measurement is kept can be a device tensor (the monitor's
+norm-jump rule, decided without a host read): the record carries it as
+``_updates_keep`` and drops the update entries on read when it is false.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
-from gradmedic.record import NamedVector
-from gradmedic.tensorlists import foreach_norms, segment_sqrt_sum_sq, stack_on
+from gradmedic.sharding import Deferred, local_tensors, whole_norms
+from gradmedic.tensorlists import foreach_norms, stack_on
+
+#: Extra memory a measurement may take, as a fraction of the parameters' elements ...
+BUDGET_FRACTION = 0.05
+#: ... but at least this many elements (64 KiB of float32): small models are copied whole.
+BUDGET_FLOOR = 1 << 14
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Parameters measured together: positions in ``LayerIndex.params`` and sampling strides."""
+
+    positions: tuple[int, ...]
+    strides: tuple[int, ...]
+    #: ``sqrt(numel / sample size)`` per parameter (1.0 where copied whole).
+    scales: tuple[float, ...]
+
+
+def plan_groups(index: LayerIndex, positions: tuple[int, ...]) -> list[_Group]:
+    """Split the layers owning ``positions`` into groups of at most the copy budget."""
+    params = local_tensors(index.params)  # sharded: this rank's pieces are copied
+    by_layer: dict[int, list[int]] = {}
+    for i in positions:
+        by_layer.setdefault(index.param_layer[i], []).append(i)
+    total = sum(params[i].numel() for i in positions)
+    budget = max(BUDGET_FLOOR, math.ceil(BUDGET_FRACTION * total))
+    groups: list[_Group] = []
+    current: list[int] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal current, size
+        if current:
+            groups.append(_Group(tuple(current), (1,) * len(current), (1.0,) * len(current)))
+        current, size = [], 0
+
+    for layer_pos in by_layer.values():
+        layer_size = sum(params[i].numel() for i in layer_pos)
+        if layer_size > budget:
+            close()
+            base = math.ceil(layer_size / budget)
+            strides = tuple(_coprime_stride(base, params[i]) for i in layer_pos)
+            pairs = zip(layer_pos, strides, strict=True)
+            counts = [len(range(0, params[i].numel(), s)) for i, s in pairs]
+            scales = tuple(
+                math.sqrt(params[i].numel() / c) if c else 1.0
+                for i, c in zip(layer_pos, counts, strict=True)
+            )
+            groups.append(_Group(tuple(layer_pos), strides, scales))
+            continue
+        if size + layer_size > budget:
+            close()
+        current.extend(layer_pos)
+        size += layer_size
+    close()
+    return groups
+
+
+def _coprime_stride(stride: int, p: torch.Tensor) -> int:
+    """The first stride >= ``stride`` coprime with the row length: the sample walks the columns."""
+    row = p.shape[-1] if p.dim() > 1 else 1
+    while math.gcd(stride, row) != 1:
+        stride += 1
+    return stride
+
+
+def _flat(p: torch.Tensor, stride: int) -> torch.Tensor:
+    local = local_tensors([p])[0].detach()
+    return local if stride == 1 else local.reshape(-1)[::stride]  # a view when contiguous
 
 
 class UpdateProbe(Probe):
@@ -29,44 +114,91 @@ class UpdateProbe(Probe):
     def __init__(self) -> None:
         self.index: LayerIndex | None = None
         self._snapshot: list[torch.Tensor] | None = None
-        self._positions: tuple[int, ...] = ()
+        self._group: _Group | None = None
+        self._keep: bool | torch.Tensor = True
+        self._plan: list[_Group] = []
+        self._plan_key: tuple[int, tuple[int, ...]] | None = None
+        self._turn = 0
         self._result: dict[str, Any] = {}
+        self._all_norms: torch.Tensor | None = None
+        self._scanned = False
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index."""
         self.index = index
 
-    def before(self) -> None:
-        """Copy the current parameters (one fused copy per device and dtype)."""
+    def groups(self) -> list[_Group]:
+        """The measurement groups for the parameters that currently require gradients."""
         if self.index is None:
-            return
+            return []
         params = self.index.params
-        self._positions = tuple(i for i, p in enumerate(params) if p.requires_grad)
-        if not self._positions:
+        positions = tuple(i for i, p in enumerate(params) if p.requires_grad)
+        key = (id(params), positions)
+        if key != self._plan_key:
+            self._plan = plan_groups(self.index, positions) if positions else []
+            self._plan_key, self._turn = key, 0
+        return self._plan
+
+    def before(self, keep: bool | torch.Tensor = True, advance: bool = True) -> None:
+        """Copy the next group's parameters (bounded); ``keep`` says whether the record keeps it.
+
+        ``advance`` moves on to the next group afterwards (scheduled measurements);
+        a measurement that may be dropped (``keep`` a device flag) does not.
+        """
+        plan = self.groups()
+        if not plan or self.index is None:
             return
+        group = plan[self._turn % len(plan)]
+        if advance:
+            self._turn = (self._turn + 1) % len(plan)
+        params = self.index.params
+        if not self._scanned:
+            self._scanned = True
+            every = [params[i].detach() for i in self._plan_key[1]] if self._plan_key else []
+            with torch.no_grad():
+                norms = stack_on(foreach_norms(local_tensors(every), upcast=True), every[0].device)
+            (self._all_norms,) = whole_norms(every, norms)
         with torch.no_grad():
-            self._snapshot = list(torch._foreach_mul([params[i] for i in self._positions], 1.0))
+            pairs = zip(group.positions, group.strides, strict=True)
+            views = [_flat(params[i], s) for i, s in pairs]
+            self._snapshot = list(torch._foreach_mul(views, 1.0))
+        self._group, self._keep = group, keep
 
     def after(self) -> None:
         """Measure the change since :meth:`before` and keep it for :meth:`collect`."""
-        index, snap = self.index, self._snapshot
+        index, snap, group = self.index, self._snapshot, self._group
         self._snapshot = None
-        if index is None or snap is None or not index.params:
+        if index is None or snap is None or group is None or not index.params:
+            return
+        params = index.params
+        if max(group.positions) >= len(params):
             return
         with torch.no_grad():
-            params = [index.params[i].detach() for i in self._positions]
-            diffs = torch._foreach_sub(params, snap)
-            device = params[0].device
+            full = local_tensors([params[i].detach() for i in group.positions])
+            views = [_flat(p, s) for p, s in zip(full, group.strides, strict=True)]
+            diffs = torch._foreach_sub(views, snap)
+            device = full[0].device
             upd = stack_on(foreach_norms(diffs, upcast=True), device)
-            old = stack_on(foreach_norms(snap, upcast=True), device)
-        names, seg = index.segments(self._positions, device)
-        upd_l = segment_sqrt_sum_sq(upd, seg, len(names))
-        par_l = segment_sqrt_sum_sq(old, seg, len(names))
+            if any(s != 1 for s in group.strides):
+                upd = upd * torch.tensor(group.scales, dtype=upd.dtype, device=device)
+            # ||w|| before the step from the copy where whole; a sampled parameter's is
+            # read from the whole tensor after the step (it differs by at most ||dw||).
+            triples = zip(snap, full, group.strides, strict=True)
+            whole = [s if st == 1 else p for s, p, st in triples]
+            old = stack_on(foreach_norms(whole, upcast=True), device)
+            # sharded parameters: the local pieces' norms made the whole tensors' (a collective)
+            upd, old = whole_norms([params[i] for i in group.positions], upd, old)
+        # Per layer on read (_UpdateStats): per step only the per-parameter vectors.
         self._result = {
-            "param_norm": NamedVector(names, par_l),
-            "update_norm": NamedVector(names, upd_l),
-            "update_ratio": NamedVector(names, upd_l / par_l.clamp_min(1e-30)),
+            "_update_norms": upd,
+            "_update_params": old,
+            "_update_stats": _UpdateStats(index, group.positions),
+            "_updates_keep": self._keep,
         }
+        if self._all_norms is not None and self._plan_key is not None:
+            self._result["_param_norms_all"] = self._all_norms
+            self._result["_param_norms_stats"] = _ParamNorms(index, self._plan_key[1])
+            self._all_norms = None
 
     @property
     def pending(self) -> bool:
@@ -82,4 +214,53 @@ class UpdateProbe(Probe):
         """Drop the snapshot."""
         self._snapshot = None
         self._result = {}
+        self._all_norms = None
         self.index = None
+
+
+class _UpdateStats(Deferred):
+    """Writes ``param_norm``, ``update_norm`` and ``update_ratio`` per layer when read."""
+
+    def __init__(self, index: LayerIndex, positions: tuple[int, ...]) -> None:
+        layers = [index.param_layer[i] for i in positions]
+        present = sorted(set(layers))
+        rank = {k: j for j, k in enumerate(present)}
+        self.names = [index.names[k] for k in present]
+        self.seg = [rank[k] for k in layers]
+
+    def fill(self, row: dict[str, Any]) -> None:
+        """Sum the per-parameter squares into layers (float64, as on the device before)."""
+        upd, par = row.pop("_update_norms"), row.pop("_update_params")
+        n = len(self.names)
+        upd_sq, par_sq = [0.0] * n, [0.0] * n
+        for k, u, w in zip(self.seg, upd, par, strict=True):
+            upd_sq[k] += u * u
+            par_sq[k] += w * w
+        upd_l = [math.sqrt(v) for v in upd_sq]
+        par_l = [math.sqrt(v) for v in par_sq]
+        row["param_norm"] = dict(zip(self.names, par_l, strict=True))
+        row["update_norm"] = dict(zip(self.names, upd_l, strict=True))
+        row["update_ratio"] = {
+            name: u / max(w, 1e-30) for name, u, w in zip(self.names, upd_l, par_l, strict=True)
+        }
+
+
+class _ParamNorms(Deferred):
+    """Writes ``param_norm`` of every layer (the first measurement) when read."""
+
+    def __init__(self, index: LayerIndex, positions: tuple[int, ...]) -> None:
+        self.stats = _UpdateStats(index, positions)
+
+    def fill(self, row: dict[str, Any]) -> None:
+        """Layer norms from the per-parameter ones; the measured group's entries are kept."""
+        norms = row.pop("_param_norms_all")
+        n = len(self.stats.names)
+        squares = [0.0] * n
+        for k, w in zip(self.stats.seg, norms, strict=True):
+            squares[k] += w * w
+        every = {name: math.sqrt(v) for name, v in zip(self.stats.names, squares, strict=True)}
+        row["param_norm"] = {**every, **row.get("param_norm", {})}
+
+
+#: Record keys written by this probe, dropped on read when ``_updates_keep`` is false.
+UPDATE_KEYS = ("param_norm", "update_norm", "update_ratio")

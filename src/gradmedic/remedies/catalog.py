@@ -127,6 +127,28 @@ def lower_lr(
     return Remedy("lower_lr", _join(text, why), call, params)
 
 
+def raise_lr(factor: float, why: str = "", *, lr: list[float] | None = None) -> Remedy:
+    """Scale the learning rate up by ``factor`` (> 1): steps too small to learn in.
+
+    Args:
+        factor: The factor (> 1).
+        why: The reason.
+        lr: The current learning rate(s), to name the new value.
+    """
+    target = ""
+    params: dict[str, object] = {"factor": float(factor)}
+    if lr:
+        new = sorted({v * factor for v in lr})
+        target = f" (to {', '.join(f'{v:.3g}' for v in new)})"
+        params["lr"] = [v * factor for v in lr]
+    return Remedy(
+        "raise_lr",
+        _join(f"Raise the learning rate {factor:.3g}x{target}", why),
+        f"for g in optimizer.param_groups: g['lr'] *= {factor:g}",
+        params,
+    )
+
+
 def warmup(start_factor: float, steps: int, why: str = "", *, optimizer: bool = True) -> Remedy:
     """Ramp the learning rate linearly from ``start_factor * lr`` to ``lr`` over ``steps``."""
     text = f"Warm the learning rate up from {start_factor:g}x to 1x over {steps} steps"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradmedic.errors import GradmedicError
+from gradmedic.sharding import local_tensors
 from gradmedic.tensorlists import device_groups, foreach_norms, use_foreach
 
 if TYPE_CHECKING:  # loaded lazily by __getattr__ below (they import this module)
@@ -138,7 +139,7 @@ def clip_grad_value_(parameters: Params, clip_value: float, foreach: bool | None
             device = grads[0].device
             before = total_norm(foreach_norms(grads, 2.0, foreach), 2.0, device)
             peak = total_norm(foreach_norms(grads, float("inf"), foreach), float("inf"), device)
-        for device_grads, device in device_groups(grads):
+        for device_grads, device in device_groups(local_tensors(grads)):
             if use_foreach(device_grads, device, foreach):
                 torch._foreach_clamp_min_(device_grads, -clip_value)
                 torch._foreach_clamp_max_(device_grads, clip_value)
@@ -171,7 +172,7 @@ def total_norm(norms: list[torch.Tensor], norm_type: float, device: torch.device
 
 def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool | None) -> None:
     """Multiply every gradient in place by the 0-d tensor ``scale`` (no host sync)."""
-    for device_grads, device in device_groups(grads):
+    for device_grads, device in device_groups(local_tensors(grads)):
         if use_foreach(device_grads, device, foreach):
             torch._foreach_mul_(device_grads, scale.to(device))
         else:

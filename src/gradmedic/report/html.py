@@ -18,7 +18,7 @@ from typing import Any
 
 from gradmedic.errors import GradmedicError
 from gradmedic.lab.base import LabConfig, Result, Verdict, combine
-from gradmedic.lab.claims import CLAIMS
+from gradmedic.lab.claims import CLAIMS, SOURCES
 
 NOT_TESTED = "not tested"
 _SCALAR = (bool, int, float, str)
@@ -43,6 +43,7 @@ def claims_table(results: Sequence[Result]) -> list[dict[str, Any]]:
                 "title": claim.title,
                 "text": claim.text,
                 "seeds": list(claim.seeds),
+                "sources": [{"id": src.id, "title": src.english} for src in claim.sources],
                 "experiments": tests,
                 "verdict": verdict,
             }
@@ -69,14 +70,15 @@ def write_report(
     Returns:
         The path of ``index.html``.
     """
-    from gradmedic import __version__
     from gradmedic.lab.plotting import to_svg
+    from gradmedic.version import __version__
 
     out = Path(out_dir)
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GradmedicError(f"cannot create the report folder {out}: {exc}") from exc
+    previous = previous_figures(out)
     sections, records = [], []
     for result in results:
         paths, figures = {}, []
@@ -106,20 +108,51 @@ def write_report(
         "gradmedic": __version__,
         "config": asdict(config) if config is not None else None,
         "claims": table,
+        "sources": [asdict(src) for src in SOURCES.values()],
         "results": records,
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    written = {p for r in records for p in r["figures"].values()}
+    for stale in sorted(previous - written):
+        (out / stale).unlink(missing_ok=True)
+    text = json.dumps(payload, indent=1, allow_nan=False)  # non-finite numbers are null already
+    (out / "results.json").write_text(text, encoding="utf-8")
     html = _template().render(
         version=__version__,
         config=payload["config"],
         claims=table,
         sections=sections,
+        sources=list(SOURCES.values()),
+        summary=verdict_counts(results),
+        claim_summary=_count(row["verdict"] for row in table),
         n_figures=sum(len(s["figures"]) for s in sections),
         verdict_class=_verdict_class,
     )
     index = out / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
+
+
+def verdict_counts(results: Sequence[Result]) -> list[tuple[str, int]]:
+    """``[(verdict, number of experiments)]`` in verdict order, verdicts with none left out."""
+    return _count(r.verdict.value for r in results)
+
+
+def previous_figures(out_dir: str | Path) -> set[str]:
+    """The SVGs an earlier report in ``out_dir`` wrote (read from its results.json).
+
+    Only paths the lab itself wrote count (``figures/*.svg`` listed in
+    results.json), so re-running a subset removes stale figures and never a
+    user's other files. An unreadable or foreign results.json gives none.
+    """
+    path = Path(out_dir) / "results.json"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        listed = [p for r in payload["results"] for p in r.get("figures", {}).values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {
+        p for p in listed if isinstance(p, str) and re.fullmatch(r"figures/[A-Za-z0-9_-]+\.svg", p)
+    }
 
 
 def load_results(path: str | Path) -> list[Result]:
@@ -186,6 +219,12 @@ def _checks(numbers: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _count(verdicts: Any) -> list[tuple[str, int]]:
+    seen = list(verdicts)
+    order = [v.value for v in Verdict] + [NOT_TESTED]
+    return [(v, seen.count(v)) for v in order if seen.count(v)]
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
@@ -203,6 +242,7 @@ def _verdict_class(verdict: str) -> str:
         Verdict.HOLDS.value: "holds",
         Verdict.PARTLY.value: "partly",
         Verdict.FAILS.value: "fails",
+        Verdict.INCONCLUSIVE.value: "inconclusive",
         Verdict.ERROR.value: "error",
     }.get(verdict, "untested")
 

@@ -18,19 +18,35 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradmedic.findings import Diagnosis, Finding, Severity
+if TYPE_CHECKING:  # the renderers only read findings: findings.py calls them without a cycle
+    from gradmedic.findings import Diagnosis, Finding
 
 BAR_WIDTH = 24
 MAX_ROWS = 40  # layers shown in the bar view; deeper models are sampled evenly
-_STYLE = {Severity.INFO: "blue", Severity.WARNING: "yellow", Severity.CRITICAL: "bold red"}
+_STYLE = {"info": "blue", "warning": "yellow", "critical": "bold red"}  # by Severity value
+#: Width when output goes to a file or pipe (rich would use 80 and cut numbers and names).
+PIPE_WIDTH = 200
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich Console that does not cut lines at 80 columns when output is not a terminal.
+
+    A terminal keeps its own width; a pipe or file gets ``$COLUMNS`` if set,
+    else :data:`PIPE_WIDTH`.
+    """
+    out = Console(stderr=stderr)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(stderr=stderr, width=PIPE_WIDTH)
+    return out
 
 
 def render_diagnosis(diagnosis: Diagnosis) -> RenderableType:
@@ -127,14 +143,14 @@ def render_profile(diagnosis: Diagnosis) -> Table | None:
     if len(shown) < len(layers):
         title += f" ({len(shown)} of {len(layers)} layers)"
     table = Table(title=title, title_justify="left", box=None, pad_edge=False)
-    table.add_column("layer")
+    table.add_column("layer", overflow="fold")
     ranges = {}
     for key in keys:
         logs = [math.log10(v) for v in diagnosis.profile[key].values() if 0 < v < math.inf]
         ranges[key] = (min(logs) - 1, max(logs)) if logs else (0.0, 1.0)
         label = "||dL/d output||" if key == "delta_norm" else "||dL/dW||"
         table.add_column(label, no_wrap=True)
-        table.add_column("", justify="right")
+        table.add_column("", justify="right", overflow="fold", min_width=8)
     for name in shown:
         cells: list[Any] = [Text(name, style="bold red" if name in flagged else "")]
         for key in keys:
@@ -148,20 +164,22 @@ def render_profile(diagnosis: Diagnosis) -> Table | None:
 
 def render_finding(finding: Finding) -> Panel:
     """One finding: explanation, evidence numbers, ranked remedies."""
-    body: list[RenderableType] = [Text(finding.explanation)]
+    layers = list(finding.layers)
+    shown = ", ".join(layers[:6]) + (f" ... ({len(layers)} layers)" if len(layers) > 6 else "")
+    # Layers go in the body, not the title: a panel title longer than the width is cut.
+    body: list[RenderableType] = [Text(f"layers: {shown}", style="bold")] if layers else []
+    body.append(Text(finding.explanation))
     evidence = Table(box=None, show_header=False, pad_edge=False)
-    evidence.add_column(style="dim")
-    evidence.add_column()
+    evidence.add_column(style="dim", overflow="fold")
+    evidence.add_column(overflow="fold")
     for key, value in finding.evidence.items():
-        text = _short(value)
+        text = short(value)
         if text:
             evidence.add_row(key, text)
     if evidence.row_count:
         body.append(evidence)
     for i, remedy in enumerate(finding.remedies, 1):
         body.append(Text.assemble(f"{i}. {remedy.description}\n   ", (remedy.call, "cyan")))
-    layers = list(finding.layers)
-    shown = ", ".join(layers[:6]) + (f" ... ({len(layers)} layers)" if len(layers) > 6 else "")
     when = ""
     ep = finding.episode
     if ep is not None and ep.onset is not None and finding.step is not None:
@@ -172,18 +190,23 @@ def render_finding(finding: Finding) -> Panel:
         when += f" (after {finding.cause.value})"
     return Panel(
         Group(*body),
-        title=Text(f"{finding.problem.value} [{finding.severity.value}]{when} {shown}"),
+        title=Text(f"{finding.problem.value} [{finding.severity.value}]{when}"),
         title_align="left",
-        border_style=_STYLE[finding.severity],
+        border_style=_STYLE[finding.severity.value],
     )
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     """Evidence values in one line: numbers in 3 digits, dicts summarized."""
     if isinstance(value, bool) or value is None:
         return "" if value is None else str(value)
     if isinstance(value, list | tuple) and not value:
         return ""
+    if isinstance(value, list | tuple) and len(value) > 6:
+        seq = [v for v in value if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(seq) == len(value):
+            return f"{len(seq)} values, first {seq[0]:.3g}, last {seq[-1]:.3g}"
+        return f"{len(value)} entries"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, Mapping):

@@ -86,17 +86,27 @@ def run(config: LabConfig) -> Result:
     verdict = judge(checks)
 
     fig, (ax_l, ax_g) = plotting.figure(2, width=4.2)
+    plotting.runs_on_scale(
+        ax_l,
+        {f"clip: {mode}": r["loss"] for mode, r in runs.items()},
+        diverged={f"clip: {mode}": r["diverged"] for mode, r in runs.items()},
+    )
     for k, (mode, r) in enumerate(runs.items()):
         x = range(1, len(r["loss"]) + 1)
-        plotting.profile(ax_l, x, r["loss"], label=f"clip: {mode}", color=f"C{k}")
         plotting.profile(
-            ax_g, x, r["grad_norm_before_clip"], label=f"{mode}, before", color=f"C{k}"
+            ax_g, x, r["grad_norm_before_clip"], label=f"{mode}: before clipping", color=f"C{k}"
         )
-        plotting.profile(
-            ax_g, x, r["grad_norm_after_clip"], label=None, predicted=True, color=f"C{k}"
-        )
+        if mode != "none":
+            plotting.profile(
+                ax_g,
+                x,
+                r["grad_norm_after_clip"],
+                label=f"{mode}: after clipping",
+                predicted=True,
+                color=f"C{k}",
+            )
     ax_g.axhline(THRESHOLD, color="gray", linestyle=":", label="threshold")
-    plotting.label(ax_l, "training loss (stops at the first NaN)", "SGD step", "cross-entropy")
+    plotting.label(ax_l, "training loss", "SGD step", "cross-entropy")
     plotting.label(ax_g, "global gradient norm (dashed: after clipping)", "SGD step", "||g||")
 
     return Result(

@@ -83,12 +83,12 @@ def run(config: LabConfig) -> Result:
     steps = config.pick(150, 1000)
     dataset = data.digits(config.seed)
     runs = {
-        f"{act}/{opt}": dead_run(act, opt, dataset, steps, config.seed)
+        f"{act}_{opt}": dead_run(act, opt, dataset, steps, config.seed)
         for act in ACTS
         for opt in OPTIMIZERS
     }
-    relu = [runs[f"relu/{o}"] for o in OPTIMIZERS]
-    leaky = {o: runs[f"leaky_relu/{o}"] for o in OPTIMIZERS}
+    relu = [runs[f"relu_{o}"] for o in OPTIMIZERS]
+    leaky = {o: runs[f"leaky_relu_{o}"] for o in OPTIMIZERS}
     half = KILLED // 2
     checks = {
         "ReLU: the killed units' incoming weights get exactly zero gradient": all(
@@ -107,15 +107,29 @@ def run(config: LabConfig) -> Result:
     }
     verdict = judge(checks)
 
-    fig, ax = plotting.figure(1, width=5.5)
+    fig, (ax, ax_h) = plotting.figure(2, width=4.2)
     names = list(runs)
     revived = [runs[n]["revived"] for n in names]
-    died = [runs[n]["healthy_alive_before"] - runs[n]["healthy_alive_after"] for n in names]
-    pos = range(len(names))
-    ax.bar([p - 0.2 for p in pos], revived, width=0.4, label="killed units revived")
-    ax.bar([p + 0.2 for p in pos], died, width=0.4, label="healthy units that died")
-    ax.set_xticks(list(pos), names)
-    plotting.label(ax, f"after {steps} steps ({KILLED} of {WIDTH} units killed)", "", "units")
+    dead = [KILLED - v for v in revived]
+    pos = list(range(len(names)))
+    bars = ax.bar(pos, revived, width=0.6, color="C2", label="revived")
+    ax.bar_label(bars, fontsize=7, label_type="center")
+    bars = ax.bar(pos, dead, width=0.6, bottom=revived, color="0.7", label="still dead")
+    ax.bar_label(bars, fontsize=7, label_type="center")
+    ax.set_xticks(pos, names, rotation=15)
+    plotting.label(ax, f"the {KILLED} killed units after {steps} steps", "", "units")
+    healthy = WIDTH - KILLED
+    plotting.grouped_bars(
+        ax_h,
+        names,
+        {
+            "before training": [[runs[n]["healthy_alive_before"] / healthy for n in names]],
+            "after": [[runs[n]["healthy_alive_after"] / healthy for n in names]],
+        },
+    )
+    ax_h.set_ylim(0, 1.05)
+    ax_h.tick_params(axis="x", rotation=15)
+    plotting.label(ax_h, f"the {healthy} other units: share alive", "", "share alive")
 
     return Result(
         name=NAME,
@@ -140,7 +154,9 @@ def run(config: LabConfig) -> Result:
             "revived": {n: r["revived"] for n, r in runs.items()},
             "first_grad_max_killed": {n: r["first_grad_max_killed"] for n, r in runs.items()},
             "first_grad_max_healthy": {n: r["first_grad_max_healthy"] for n, r in runs.items()},
-            "healthy_units_died": dict(zip(names, died, strict=True)),
+            "healthy_units_died": {
+                n: r["healthy_alive_before"] - r["healthy_alive_after"] for n, r in runs.items()
+            },
             "test_accuracy": {n: r["test_accuracy"] for n, r in runs.items()},
             "checks": checks,
         },

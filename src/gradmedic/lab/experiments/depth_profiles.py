@@ -109,12 +109,12 @@ def run(config: LabConfig) -> Result:
     logs = {a: {i: r["log10_first_over_last"] for i, r in v.items()} for a, v in runs.items()}
     gain = {a: {i: r["gain_per_layer"] for i, r in v.items()} for a, v in runs.items()}
     miss = {
-        f"{a}/{i}": abs(r["log10_first_over_last"] - r["predicted_log10_first_over_last"])
+        f"{a}_{i}": abs(r["log10_first_over_last"] - r["predicted_log10_first_over_last"])
         for a, v in runs.items()
         for i, r in v.items()
     }
     tolerance = {
-        f"{a}/{i}": 1 + 0.1 * abs(r["predicted_log10_first_over_last"])
+        f"{a}_{i}": 1 + 0.1 * abs(r["predicted_log10_first_over_last"])
         for a, v in runs.items()
         for i, r in v.items()
     }

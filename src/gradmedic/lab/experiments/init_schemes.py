@@ -74,9 +74,11 @@ def run(config: LabConfig) -> Result:
 
     fig, axes = plotting.figure(2, width=4.2)
     for ax, act in zip(axes, ACTS, strict=True):
-        for k, init in enumerate(INITS):
-            r = runs[act][init]
-            plotting.profile(ax, range(1, len(r["loss"]) + 1), r["loss"], label=init, color=f"C{k}")
+        plotting.runs_on_scale(
+            ax,
+            {init: runs[act][init]["loss"] for init in INITS},
+            diverged={init: runs[act][init]["diverged"] for init in INITS},
+        )
         plotting.label(ax, f"{act}: training loss", "SGD step", "cross-entropy")
 
     def fmt(v: float) -> str:

@@ -95,14 +95,22 @@ def run(config: LabConfig) -> Result:
     }
     verdict, per_claim = judge_claims(checks)
 
-    fig, axes = plotting.figure(3, width=4.2)
-    for ax, key in zip(axes[:2], ("shallow", "deep"), strict=True):
+    fig, grid = plotting.figure(2, nrows=2, width=4.2)
+    for ax, key in zip(grid[0], ("shallow", "deep"), strict=True):
         net = nets[key]
         tr = np.array(net["trace"])
         colors = plotting.layer_colors(tr.shape[1])
+        last = tr.shape[1] - 1
         for i in range(tr.shape[1]):
+            name = f"layer {i + 1}" + (
+                " (input side)" if i == 0 else " (output)" if i == last else ""
+            )
             plotting.profile(
-                ax, net["trace_steps"], tr[:, i], label=f"layer {i + 1}", color=colors[i]
+                ax,
+                net["trace_steps"],
+                tr[:, i],
+                label=name if i in (0, last) else None,
+                color=colors[i],
             )
         plotting.label(
             ax,
@@ -110,20 +118,16 @@ def run(config: LabConfig) -> Result:
             "step",
             "||W_t - W_0|| / ||W_0||",
         )
-    ax = axes[2]
-    for k, key in enumerate(("shallow", "deep")):
-        net = nets[key]
-        idx = list(range(1, len(net["relative_movement"]) + 1))
-        plotting.profile(ax, idx, net["relative_movement"], label=f"{key}: movement", color=f"C{k}")
-        plotting.profile(
-            ax,
-            idx,
-            net["mean_grad_norm"],
-            label=f"{key}: mean grad norm",
-            color=f"C{k}",
-            predicted=True,
-        )
-    plotting.label(ax, "per layer at the end (input side = 1)", "layer", "value")
+    for ax, quantity, ylabel, title in (
+        (grid[1][0], "relative_movement", "||W_T - W_0|| / ||W_0||", "movement at the end"),
+        (grid[1][1], "mean_grad_norm", "mean ||dL/dW_l|| over training", "mean gradient norm"),
+    ):
+        for k, key in enumerate(("shallow", "deep")):
+            values = nets[key][quantity]
+            idx = list(range(1, len(values) + 1))
+            ax.plot(idx, values, "o-", color=f"C{k}", markersize=3, label=key)
+        ax.set_yscale("log")
+        plotting.label(ax, f"{title} per layer (input side = 1)", "layer", ylabel)
 
     def line(key: str) -> str:
         n = nets[key]

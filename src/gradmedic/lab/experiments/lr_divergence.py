@@ -13,7 +13,7 @@ from gradmedic.lab.train import train
 
 RUNS = {  # name: (optimizer, learning rate)
     "SGD lr 3 (too large)": ("sgd", 3.0),
-    "SGD lr 0.1": ("sgd", 0.1),
+    "SGD lr 1e-1": ("sgd", 0.1),
     "SGD lr 1e-4 (too small)": ("sgd", 1e-4),
     "Adam lr 1e-3": ("adam", 1e-3),
     "Adam lr 1e-2": ("adam", 1e-2),
@@ -96,8 +96,11 @@ def run(config: LabConfig) -> Result:
         ("training loss", "||theta||", "||gradient||"),
         strict=True,
     ):
-        for k, (name, r) in enumerate(runs.items()):
-            plotting.profile(ax, range(1, len(r[key]) + 1), r[key], label=name, color=f"C{k}")
+        if key == "loss":
+            plotting.runs_on_scale(ax, {name: r[key] for name, r in runs.items()})
+        else:
+            for k, (name, r) in enumerate(runs.items()):
+                plotting.profile(ax, range(1, len(r[key]) + 1), r[key], label=name, color=f"C{k}")
         plotting.label(ax, title, "step", title, legend=key == "loss")
 
     summary = {

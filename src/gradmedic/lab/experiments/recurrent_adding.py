@@ -208,7 +208,7 @@ def explain(runs: dict[str, dict], baseline: float) -> str:
         f"Mean LSTM forget gate {lstm['gate_mean_init']:.2f} -> {lstm['gate_mean_trained']:.2f} "
         f"(forget bias 1: {runs['lstm_forget1']['gate_mean_init']:.2f} -> "
         f"{runs['lstm_forget1']['gate_mean_trained']:.2f}); mean GRU keep gate (PyTorch's z, "
-        f"the share of h_(t-1) copied; the seed's z is 1 - this) {gru['gate_mean_init']:.2f} -> "
+        f"the share of h_(t-1) copied; source 000's z is 1 - this) {gru['gate_mean_init']:.2f} -> "
         f"{gru['gate_mean_trained']:.2f}.",
     ]
     if lstm["first_over_last_init"] < 1e-2:

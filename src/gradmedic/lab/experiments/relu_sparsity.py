@@ -1,4 +1,7 @@
-"""R3 (seed 003): does adding N ReLU layers divide the activation rate by 2^N? Units vs paths."""
+"""R3 (source 003): does adding N ReLU layers divide the activation rate by 2^N? Units vs paths.
+
+Source 003 is 'Exploding and vanishing gradients' (see gradmedic.lab.claims.SOURCES).
+"""
 
 from __future__ import annotations
 
@@ -108,7 +111,8 @@ def run(config: LabConfig) -> Result:
             "active) / all such paths, averaged over inputs."
         ),
         expected=(
-            "Seed 003: 'when N layers are added, the ReLU activation rate drops by a factor "
+            "Source 003 ('Exploding and vanishing gradients'): 'when N layers are added, the "
+            "ReLU activation rate drops by a factor "
             "2^N' (each layer halving it)."
         ),
         numbers={

@@ -1,4 +1,7 @@
-"""K5: backprop through time as repeated multiplication by W_h (seed 002's experiment)."""
+"""K5: backprop through time as repeated multiplication by W_h (source 002's experiment).
+
+Source 002 is study notes on a textbook's RNN chapter (see gradmedic.lab.claims.SOURCES).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from gradmedic.lab import plotting
 from gradmedic.lab.base import LabConfig, Result, experiment, judge_claims
 
 N, H, T = 2, 3, 20
-BOOK_SEED = 3  # the seed of the book's listing that seed 002 follows
+BOOK_SEED = 3  # the seed of the book's listing that source 002 follows
 
 
 def dh_norms(w_h: np.ndarray, steps: int = T, n: int = N) -> list[float]:
@@ -39,7 +42,8 @@ def late_rate(norms: list[float], window: int = 10) -> float:
 def run(config: LabConfig) -> Result:
     rng = np.random.RandomState(BOOK_SEED + config.seed)
     w_big = rng.randn(H, H)
-    cases = {"randn": w_big, "randn * 0.5": w_big * 0.5}
+    cases = {"randn": w_big, "randn_times_half": w_big * 0.5}
+    legend = {"randn": "randn(3, 3)", "randn_times_half": "randn(3, 3) * 0.5"}
     ref: dict[str, dict[str, Any]] = {}
     for name, w in cases.items():
         series = dh_norms(w)
@@ -75,7 +79,7 @@ def run(config: LabConfig) -> Result:
     checks = {
         "K5": {
             "dh grows with W_h = randn(3, 3)": ref["randn"]["grows"],
-            "dh decays with W_h = randn(3, 3) * 0.5": not ref["randn * 0.5"]["grows"],
+            "dh decays with W_h = randn(3, 3) * 0.5": not ref["randn_times_half"]["grows"],
             "largest singular value < 1 always gives decay": below_one_decays,
             "largest singular value > 1 vs < 1 predicts growth vs decay in >= 95% of matrices": (
                 by_sigma >= 0.95
@@ -88,7 +92,7 @@ def run(config: LabConfig) -> Result:
     ax = axes[0]
     t = np.arange(1, T + 1)
     for k, (name, r) in enumerate(ref.items()):
-        plotting.profile(ax, t, r["norms"], label=f"W_h = {name}", color=f"C{k}")
+        plotting.profile(ax, t, r["norms"], label=f"W_h = {legend[name]}", color=f"C{k}")
         plotting.profile(
             ax,
             t,
@@ -133,7 +137,8 @@ def run(config: LabConfig) -> Result:
         claims=["K5"],
         title="Recurrent gradients: ||dh W_h^t|| against singular value and radius",
         setup=(
-            f"The book's experiment (seed 002): N={N}, H={H}, T={T}, dh = ones((N, H)), "
+            "The experiment of the textbook that source 002 ('The problems of RNNs; LSTM') "
+            f"follows: N={N}, H={H}, T={T}, dh = ones((N, H)), "
             f"W_h = randn(H, H) (NumPy RandomState({BOOK_SEED + config.seed})) and the same matrix "
             "* 0.5; at each step dh = dh W_h^T and the norm sqrt(sum dh^2) / N is recorded. Then "
             f"{n_mat} random 3x3 matrices randn * s, s log-uniform in [0.2, 2], {steps} "
@@ -168,9 +173,9 @@ def run(config: LabConfig) -> Result:
             f"randn: sigma_max {ref['randn']['sigma_max']:.2f}, spectral radius "
             f"{ref['randn']['spectral_radius']:.2f}, late rate per step "
             f"{ref['randn']['late_rate']:.2f}; randn * 0.5: sigma_max "
-            f"{ref['randn * 0.5']['sigma_max']:.2f}, radius "
-            f"{ref['randn * 0.5']['spectral_radius']:.2f}, rate "
-            f"{ref['randn * 0.5']['late_rate']:.2f}. The largest singular value is an upper "
+            f"{ref['randn_times_half']['sigma_max']:.2f}, radius "
+            f"{ref['randn_times_half']['spectral_radius']:.2f}, rate "
+            f"{ref['randn_times_half']['late_rate']:.2f}. The largest singular value is an upper "
             "bound on the growth per step (||dh W|| <= sigma_max ||dh||), so sigma_max < 1 "
             "guarantees decay; but the long-run rate is the spectral radius (Gelfand's formula), "
             f"and {above_one_but_decays:.0%} of the random matrices with sigma_max > 1 still "
@@ -180,8 +185,8 @@ def run(config: LabConfig) -> Result:
             f"{sigma_error:.1%}."
             + (
                 " The book's own shrinking case has sigma_max "
-                f"{ref['randn * 0.5']['sigma_max']:.2f} > 1 and still decays."
-                if ref["randn * 0.5"]["sigma_max"] > 1 and not ref["randn * 0.5"]["grows"]
+                f"{ref['randn_times_half']['sigma_max']:.2f} > 1 and still decays."
+                if ref["randn_times_half"]["sigma_max"] > 1 and not ref["randn_times_half"]["grows"]
                 else ""
             )
         ),

@@ -138,14 +138,28 @@ def run(config: LabConfig) -> Result:
     plotting.label(ax, f"{n_models} random MLPs", "share", "")
     ax = axes[1]
     depth = np.array([a["depth"] for a in archs])
-    lr = np.log10(np.clip(np.array(ratios), 1e-300, 1e300))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.log10(np.array(ratios, dtype=float))  # 0 -> -inf, inf -> inf
+    finite = lr[np.isfinite(lr)]
+    cuts = [np.log10(thresholds.vanishing_gain), np.log10(thresholds.exploding_gain)]
+    lo = min(float(np.percentile(finite, 2)) if finite.size else -10, cuts[0] - 1)
+    hi = max(float(np.percentile(finite, 98)) if finite.size else 10, cuts[1] + 1)
     colors = {"vanishing": "C0", "healthy": "C2", "exploding": "C3"}
     for kind, color in colors.items():
         sel = np.array(labels) == kind
-        ax.scatter(depth[sel], lr[sel], s=6, color=color, label=kind, alpha=0.6)
-    for g in (thresholds.vanishing_gain, thresholds.exploding_gain):
-        ax.axhline(np.log10(g), color="k", linestyle=":", linewidth=1)
-    plotting.label(ax, "input/output gradient ratio", "depth", "log10 ||dL/dz_1|| / ||dL/dz_L||")
+        inside = plotting.clamp(ax, depth[sel], lr[sel], lo, hi, color=color)
+        ax.scatter(depth[sel], inside, s=6, color=color, label=kind, alpha=0.6)
+    for g, name in zip(cuts, ("vanishing below", "exploding above"), strict=True):
+        ax.axhline(g, color="k", linestyle=":", linewidth=1)
+        ax.annotate(f"{name} {10**g:g}", (1.0, g), xycoords=("axes fraction", "data"),
+                    xytext=(-2, 2), textcoords="offset points", ha="right", fontsize=7)  # fmt: skip
+    n_off = int(((lr < lo) | (lr > hi)).sum())
+    plotting.label(
+        ax,
+        "input/output gradient ratio",
+        f"depth (triangles: {n_off} off-scale at the edge, incl. ratios 0 and inf)",
+        "log10 ||dL/dz_1|| / ||dL/dz_L||",
+    )
 
     share = {n: {k: v / max(1, sum(c.values())) for k, v in c.items()} for n, c in groups.items()}
     return Result(
