@@ -39,7 +39,12 @@ from gradmedic.probes.deltas import DeltaProbe
 from gradmedic.probes.gradients import GradientProbe
 from gradmedic.probes.updates import UPDATE_KEYS, UpdateProbe
 from gradmedic.record import LazyRecord, NamedVector
-from gradmedic.sharding import data_parallel_group, defer_data_parallel, fill_deferred
+from gradmedic.sharding import (
+    data_parallel_group,
+    defer_data_parallel,
+    fill_deferred,
+    finish_in_flight,
+)
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -310,6 +315,10 @@ class Monitor:
         ``grad_norms()`` stay available.
         """
         self.closed = True
+        try:
+            finish_in_flight()  # sharded runs: no collective left in flight after close
+        except Exception as exc:  # never raise from cleanup
+            self._warn_once("close", f"gradmedic: a cross-rank reduction failed at close: {exc!r}")
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -29,6 +29,8 @@ Example (no process group: plain tensors need no reduction):
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import sys
 import weakref
@@ -133,7 +135,10 @@ class Layout:
             op_ = getattr(torch.distributed.ReduceOp, op)
             work = torch.distributed.all_reduce(block, op=op_, group=self.group, async_op=True)
             works.append((target, block, work))
-        return Pending(self.columns, works)
+        pending = Pending(self.columns, works)
+        if works:
+            _IN_FLIGHT.add(pending)
+        return pending
 
     def reduce(self, sums: torch.Tensor | None, maxes: torch.Tensor | None = None) -> None:
         """:meth:`start` and wait: the statistics of the whole tensors, in place, now."""
@@ -151,9 +156,28 @@ class Pending:
     def wait(self) -> None:
         """Block until the collectives are done and copy their results into place."""
         works, self._works = self._works, []
+        _IN_FLIGHT.discard(self)
         for target, block, work in works:
             work.wait()
             target.index_copy_(-1, self._columns.to(target.device), block)
+
+
+#: Reductions issued and not yet waited for: finished before a monitor closes and at
+#: interpreter exit, so no collective is still in flight when the user destroys the
+#: process group (gloo aborts the process if one is).
+_IN_FLIGHT: weakref.WeakSet[Pending] = weakref.WeakSet()
+
+
+def finish_in_flight() -> None:
+    """Wait for every reduction gradmedic has issued (results land in their records)."""
+    for pending in list(_IN_FLIGHT):
+        pending.wait()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    with contextlib.suppress(Exception):  # the process group may be gone already
+        finish_in_flight()
 
 
 def layout_of(tensors: Sequence[torch.Tensor]) -> Layout | None:

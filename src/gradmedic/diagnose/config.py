@@ -61,6 +61,10 @@ class DiagnosisConfig:
             weights 0.72-0.94.
         saturation_slope: The "near zero slope" rule above: 5% of the
             activation's maximal slope (tanh: |x| > 3.0, sigmoid: |x| > 4.4).
+            Records hold the fraction under the rules 1%, 2%, 5%, 10% and 20%
+            (``saturated_by_slope``), so it can be changed after the run; values
+            between are interpolated in log slope, values outside take the
+            nearest end.
         update_ratio_spike: One recorded step whose ``||dw|| / ||w||`` is at
             least 1 in some layer replaced that layer's weights by a step
             larger than the weights themselves: the local (linear) model of

@@ -14,7 +14,7 @@ from typing import Any
 from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.episodes import Point, episode, larger, row_step
 from gradmedic.diagnose.registry import register
-from gradmedic.diagnose.units import pct, saturated_in, unit_series
+from gradmedic.diagnose.units import pct, saturated_in, unit_series, with_slope_rule
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
@@ -37,6 +37,7 @@ def remedies(kind: str) -> list[Remedy]:
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Bounded activations with ``saturation_fraction`` of near-zero slopes, over the run."""
+    rows = with_slope_rule(rows, config.saturation_slope)
     judged = [
         (i, saturated_in(stats, config.saturation_fraction))
         for i, stats in unit_series(rows, config.window)

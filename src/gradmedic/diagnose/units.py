@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.profile import recent
-
-# Activations bounded on both sides: their slope tends to 0 for large |x| (K3).
-# They are judged by saturation; every other kind (ReLU family) by dead units.
-SATURATING = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"})
+from gradmedic.probes.activations import SATURATING, SATURATION_SLOPE, SLOPE_GRID
 
 
 def unit_stats(rows: Sequence[Mapping[str, Any]], window: int) -> dict[str, dict[str, Any]]:
@@ -90,6 +88,44 @@ def dead_in(stats: Mapping[str, dict[str, Any]], threshold: float) -> dict[str, 
         and not vanished_input(s)
         and s.get("dead_fraction", 0.0) >= threshold
     }
+
+
+
+
+def fraction_at(entry: Mapping[str, Any], slope: float) -> float | None:
+    """The saturated fraction of a recorded activation entry under the rule ``|phi'| < slope``.
+
+    Read off ``saturated_by_slope`` (linear in log slope between the grid's rules, the
+    nearest end outside it); None when the entry has no grid (an older record).
+    """
+    grid = entry.get("saturated_by_slope")
+    if not isinstance(grid, Sequence) or len(grid) != len(SLOPE_GRID):
+        return None
+    logs = [math.log(g) for g in SLOPE_GRID]
+    x = min(max(math.log(slope), logs[0]), logs[-1])
+    for j in range(len(logs) - 1):
+        if x <= logs[j + 1]:
+            t = (x - logs[j]) / (logs[j + 1] - logs[j])
+            return float(grid[j]) + t * (float(grid[j + 1]) - float(grid[j]))
+    return float(grid[-1])
+
+
+def with_slope_rule(rows: Sequence[Mapping[str, Any]], slope: float) -> list[Mapping[str, Any]]:
+    """``rows`` with each ``saturated_fraction`` re-read under the rule ``slope``."""
+    if slope == SATURATION_SLOPE:
+        return list(rows)
+    out: list[Mapping[str, Any]] = []
+    for row in rows:
+        acts = row.get("activations")
+        if not isinstance(acts, Mapping):
+            out.append(row)
+            continue
+        new = {}
+        for name, entry in acts.items():
+            value = fraction_at(entry, slope) if isinstance(entry, Mapping) else None
+            new[name] = entry if value is None else {**entry, "saturated_fraction": value}
+        out.append({**row, "activations": new})
+    return out
 
 
 def saturated_in(

@@ -44,6 +44,14 @@ from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import first_tensor
 
 SATURATION_SLOPE = 0.05  # the saturation rule: |phi'| < 5% of max phi'
+#: Activations bounded on both sides: their slope tends to 0 for large |x| (K3). They are
+#: judged by saturation (and get ``saturated_by_slope``); the others (ReLU family) by dead units.
+SATURATING = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"})
+#: Slope rules (fractions of max phi') at which ``saturated_by_slope`` counts evaluations,
+#: so that ``DiagnosisConfig.saturation_slope`` can be set after the run (it is read off
+#: this grid, interpolated in log slope).
+SLOPE_GRID = (0.01, 0.02, 0.05, 0.1, 0.2)
+_RULE = SLOPE_GRID.index(SATURATION_SLOPE)
 
 # Closed forms phi'(x) from (input, output): the formulas autograd's backward uses.
 _CLOSED: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -104,7 +112,7 @@ class _Stats:
     kind: str
     units: int
     active: torch.Tensor | None = None  # bool per unit: slope != 0 at least once
-    saturated: torch.Tensor | float = 0.0  # count of near-zero slopes
+    saturated: torch.Tensor | float = 0.0  # count of near-zero slopes, per SLOPE_GRID rule
     rel_slope: torch.Tensor | float = 0.0  # sum of |phi'| / max phi'
     x_sum: torch.Tensor | float = 0.0
     x_sq: torch.Tensor | float = 0.0
@@ -213,7 +221,11 @@ class ActivationProbe(Probe):
         if stats is None or stats.units != active.numel():
             stats = self._stats[key] = _Stats(type(module).__name__, active.numel())
         stats.active = active if stats.active is None else stats.active | active
-        stats.saturated += ((d < SATURATION_SLOPE * top) & finite).sum()
+        # rule j counts |phi'| < SLOPE_GRID[j] * top: one bucketize, one bincount for all rules
+        rel = torch.where(finite, d / top, torch.inf).reshape(-1)
+        grid = torch.tensor(SLOPE_GRID, dtype=rel.dtype, device=rel.device)
+        below = torch.bincount(torch.bucketize(rel, grid, right=True), minlength=len(grid) + 1)
+        stats.saturated += below[: len(grid)].cumsum(0)
         stats.rel_slope += d.float().sum() / top
         stats.x_sum += xf.sum()
         stats.x_sq += xf.square().sum()
@@ -238,16 +250,18 @@ class ActivationProbe(Probe):
             return {}
         out: dict[str, Any] = {}
         for key, s in self._stats.items():
+            saturated = torch.as_tensor(s.saturated, dtype=torch.float64) / s.count
             mean = s.x_sum / s.count
             var = (s.x_sq / s.count - mean.square()).clamp_min(0)  # type: ignore[union-attr]
             out[key] = {
                 "kind": s.kind,
                 "units": s.units,
                 "dead_fraction": 1.0 - s.active.float().mean(),  # type: ignore[union-attr]
-                "saturated_fraction": torch.as_tensor(s.saturated, dtype=torch.float64) / s.count,
+                "saturated_fraction": saturated[_RULE],
                 "mean_slope": torch.as_tensor(s.rel_slope, dtype=torch.float64) / s.count,
                 "input_mean": mean,
                 "input_std": var.sqrt(),
+                **({"saturated_by_slope": saturated} if s.kind in SATURATING else {}),
             }
         return {"activations": out}
 
