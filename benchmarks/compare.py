@@ -291,8 +291,8 @@ def render(
         f"`{cmd}` (torch {torch.__version__}, 1 thread, process CPU time, median over {rounds} "
         f"interleaved rounds of {steps} steps, steady state; ratio to the bare step of the "
         "same round). "
-        "A shared, loaded 2-core machine: rows that add almost no work (the `.item()` loop) "
-        "show this run's noise; rerun on a quiet machine before quoting a ratio.",
+        f"Machine: {os.cpu_count()} CPU cores. Rows that add almost no work (the `.item()` "
+        "loop, `every=10`) show the run's noise, a few percent either side of their true cost.",
         "",
         "| | " + " | ".join(title for title, _ in MODELS.values()) + " |",
         "|---|" + "---|" * len(MODELS),
