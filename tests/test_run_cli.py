@@ -35,6 +35,25 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
+def test_the_preflights_trial_copies_are_not_watched() -> None:
+    """check(optimizer=...) steps copies of the model: only the script's own model is watched."""
+    import gradmedic
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    with AutoAttach(every=1) as session:
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gradmedic.check(model, x, y, nn.functional.mse_loss, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    (w,) = session.watched
+    rows = [r for r in w.monitor.history.rows() if not r.get("skipped")]
+    assert w.model is model and len(rows) == 3
+
+
 def test_manual_loop_records_once_per_update_after_clipping() -> None:
     x, y = torch.randn(32, 6), torch.randn(32, 1)
     expected = []

@@ -57,6 +57,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradmedic.monitor import Monitor, find_monitor
 from gradmedic.passes import PassWatch
+from gradmedic.private import in_private_work
 
 
 @dataclass
@@ -161,7 +162,7 @@ class AutoAttach:
 
         def __init__(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
             original(opt, *args, **kwargs)
-            if session.active:
+            if session.active and not in_private_work():
                 session._optimizers.add(opt)
                 session._upgrade(opt)
 
@@ -171,7 +172,7 @@ class AutoAttach:
         session = self
 
         def zero_grad(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-            if session.active:
+            if session.active and not in_private_work():
                 session._manual_trigger(module)
             original(module, *args, **kwargs)
 
@@ -182,7 +183,7 @@ class AutoAttach:
 
         def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
             original(tensor, *args, **kwargs)
-            if session.active:
+            if session.active and not in_private_work():
                 session._note_loss(tensor)
 
         return backward
@@ -199,6 +200,8 @@ class AutoAttach:
             self._guard(w, lambda: self._maybe_step(w))
 
     def _forward(self, module: nn.Module, inputs: Any) -> None:
+        if in_private_work():
+            return  # gradmedic's own copies (the preflight's trial steps)
         if module in self._seen:
             self._manual_trigger(module)
             return

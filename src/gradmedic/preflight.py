@@ -27,12 +27,14 @@ from gradmedic.diagnose import DiagnosisConfig, diagnose_rows
 from gradmedic.errors import GradmedicError
 from gradmedic.findings import Diagnosis
 from gradmedic.layers import has_recurrent
+from gradmedic.private import private_work
 from gradmedic.probes.deltas import first_tensor
 from gradmedic.trial_steps import OptimizerLike
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
+@private_work()  # its forward and backward are no training step (gradmedic run)
 def check(
     model: nn.Module,
     inputs: Any,

@@ -23,6 +23,7 @@ from torch import nn
 
 from gradmedic.curvature import Limit, sharpness, stability_limit
 from gradmedic.findings import Finding, Problem, Remedy, Severity
+from gradmedic.private import private_work
 from gradmedic.remedies import catalog
 from gradmedic.trial_steps import OptimizerLike, TrialRun, facts_of, trial_steps
 
@@ -115,6 +116,7 @@ class StepJudgement:
         return _finding(self)
 
 
+@private_work()
 def judge_step(
     model: nn.Module,
     optimizer: OptimizerLike,
