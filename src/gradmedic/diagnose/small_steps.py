@@ -29,6 +29,7 @@ from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import adaptive_optimizer, setup_of
 from gradmedic.diagnose.signals import ratio_points
+from gradmedic.diagnose.suggest import lr_at
 from gradmedic.diagnose.vanishing import detect as vanishing
 from gradmedic.findings import Finding, Problem, Severity
 from gradmedic.remedies import catalog
@@ -131,10 +132,4 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
 
 
 def _lr(rows: Rows) -> list[float] | None:
-    for row in reversed(rows):
-        lr = row.get("lr")
-        if isinstance(lr, list | tuple) and lr and all(isinstance(v, int | float) for v in lr):
-            return [float(v) for v in lr]
-        if isinstance(lr, int | float) and not isinstance(lr, bool):
-            return [float(lr)]
-    return None
+    return lr_at(rows, len(rows) - 1)

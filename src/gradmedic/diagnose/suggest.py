@@ -220,7 +220,7 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
             "no update ratio above the healthy range was recorded; one decade is the usual "
             "first step"
         )
-    lr = _lr_at(rows, min(end, len(rows) - 1)) if rows else None
+    lr = lr_at(rows, min(end, len(rows) - 1)) if rows else None
     if lr is None:
         opt = (getattr(config, "context", None) or {}).get("optimizer")
         if isinstance(opt, Mapping) and isinstance(opt.get("lr"), list | tuple):
@@ -252,7 +252,8 @@ def suggested(rows: Rows, config: Any) -> Suggestion:
     return suggest(rows, config)
 
 
-def _lr_at(rows: Rows, index: int) -> list[float] | None:
+def lr_at(rows: Rows, index: int) -> list[float] | None:
+    """The learning rates of the latest record at or before ``index`` that holds them."""
     for row in reversed(rows[: index + 1]):
         lr = row.get("lr")
         if isinstance(lr, list | tuple) and lr and all(isinstance(v, int | float) for v in lr):

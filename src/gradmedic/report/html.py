@@ -73,11 +73,7 @@ def write_report(
     from gradmedic.lab.plotting import to_svg
     from gradmedic.version import __version__
 
-    out = Path(out_dir)
-    try:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GradmedicError(f"cannot create the report folder {out}: {exc}") from exc
+    out = report_folder(out_dir)
     previous = previous_figures(out)
     sections, records = [], []
     for result in results:
@@ -274,3 +270,13 @@ def _template() -> Any:
         undefined=jinja2.StrictUndefined,
     )
     return env.get_template("report.html")
+
+
+def report_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` with its ``figures/`` subfolder created; a clear error when it cannot be."""
+    out = Path(out_dir)
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GradmedicError(f"cannot create the report folder {out}: {exc}") from exc
+    return out

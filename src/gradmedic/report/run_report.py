@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradmedic.errors import GradmedicError
 from gradmedic.findings import Diagnosis, Finding
 
 #: Most steps drawn in a heatmap; longer runs are sampled evenly.
@@ -55,13 +54,9 @@ def write_run_report(
         The path of ``index.html``.
     """
     from gradmedic.lab.plotting import to_svg
-    from gradmedic.report.html import inline_svg
+    from gradmedic.report.html import inline_svg, report_folder
 
-    out = Path(out_dir)
-    try:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GradmedicError(f"cannot create the report folder {out}: {exc}") from exc
+    out = report_folder(out_dir)
     rows = [r for r in rows if not r.get("skipped")]
     names = list(layers or diagnosis.layers or _layers_of(rows))
     figures: list[tuple[str, str, Any]] = []  # (id, caption, figure or None with a note)
