@@ -136,7 +136,11 @@ def _worker(rank: int, world: int, port: int, setup: str, out: str) -> None:
     if setup != "fsdp1":  # FSDP1 clips with its own model.clip_grad_norm_
         result = _clip_against_torch(model, x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank])
         Path(out, f"clip{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
     dist.destroy_process_group()
+    # Results are on disk: leave without interpreter teardown, where gloo's worker threads
+    # have intermittently aborted the process (SIGABRT) after a passing run.
+    os._exit(0)
 
 
 def _clip_against_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
