@@ -323,7 +323,7 @@ def render(
     lines += [
         "",
         "Extra memory of default `watch()`: the largest update-ratio copy as % of parameter "
-        "memory (at least 2^14 elements, so small models are copied whole), and the device "
+        "memory (at least 2^14 elements, 64 KiB, so small models are copied whole), and the device "
         "tensors one unread record holds (the history keeps up to 1000; they are per-layer "
         "statistics, not parameter-sized):",
         "",

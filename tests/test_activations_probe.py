@@ -168,3 +168,40 @@ def test_nonfinite_inputs_do_not_count_as_dead():
     x = torch.full((3, 4), float("nan"))
     stats = run(model, x)["1"]
     assert stats["dead_fraction"] == 0.0
+
+
+def test_relu_shortcut_agrees_with_the_general_rule_per_channel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.bias[:2] = -100.0  # channels 0 and 1 negative everywhere: dead
+    x = torch.randn(4, 2, 5, 5)
+    relu = run(nn.Sequential(conv, nn.ReLU()), x)["1"]
+    general = run(nn.Sequential(conv, nn.LeakyReLU(0.0)), x)["1"]  # the same slope, by autograd
+    z = conv(x).detach()
+    assert relu["units"] == 6
+    assert relu["dead_fraction"] == pytest.approx(
+        float(((z > 0).sum((0, 2, 3)) == 0).float().mean())
+    )
+    assert relu["dead_fraction"] == pytest.approx(2 / 6)
+    assert relu["saturated_fraction"] == pytest.approx(float((z <= 0).float().mean()))
+    for key in ("dead_fraction", "saturated_fraction", "mean_slope", "input_mean", "input_std"):
+        assert relu[key] == pytest.approx(general[key], rel=1e-5), key
+
+
+def test_more_modules_than_the_share_are_measured_in_interleaved_turns():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(4, 4), nn.ReLU())])
+    probe = ActivationProbe(per_step=2)  # 5 ReLUs: shares of every 3rd, in turn
+    probe.attach(LayerIndex(model))
+    x = torch.randn(16, 4)
+    seen = []
+    for step in range(4):
+        probe.set_recording(True)
+        model(x)
+        hooked = sum(len(m._forward_hooks) for m in model if isinstance(m, nn.ReLU))
+        seen.append(sorted(materialize(probe.collect(step)).get("activations", {})))
+        probe.reset()
+        assert hooked == len(seen[-1])  # only the share carries hooks
+    assert seen == [["1", "7"], ["3", "9"], ["5"], ["1", "7"]]
+    probe.detach()

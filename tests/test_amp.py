@@ -18,8 +18,10 @@ def make() -> nn.Sequential:
     )
 
 
-BATCH = (torch.randn(64, 16, generator=torch.Generator().manual_seed(3)),
-         torch.randn(64, 1, generator=torch.Generator().manual_seed(4)))
+BATCH = (
+    torch.randn(64, 16, generator=torch.Generator().manual_seed(3)),
+    torch.randn(64, 1, generator=torch.Generator().manual_seed(4)),
+)
 
 
 def fp16_run(steps: int, clip: float | None = None, **scaler_kw: float) -> tuple:

@@ -64,6 +64,7 @@ def test_a_small_adam_step_is_healthy(target):
         (["--optimizer", "sgd", "--lr", "0.1", "--momentum", "1.5"], "--momentum must be in"),
         (["--optimizer", "adam", "--lr", "0.1", "--momentum", "0.9"], "uses betas"),
         (["--lr", "0.1"], "need --optimizer"),
+        (["--optimizer", "sgd", "--lr", "0.1", "--trial-batch", "0"], "trial_batch must be >= 1"),
     ],
 )
 def test_bad_optimizer_options_are_one_line_and_exit_2(target, extra, message):

@@ -15,7 +15,9 @@ import gradmedic
 from gradmedic.curvature import sharpness, stability_limit, top_eigenvalue
 from gradmedic.errors import GradmedicError
 from gradmedic.findings import Problem
-from gradmedic.trial_steps import facts_of, trial_steps
+from gradmedic.learnable import linear_headroom
+from gradmedic.step_size import StepJudgement, constant_baseline, windowed
+from gradmedic.trial_steps import facts_of, minibatches, take, trial_steps
 
 
 def _quadratic(h: torch.Tensor, x: torch.Tensor):
@@ -110,11 +112,14 @@ def test_trial_steps_leave_model_optimizer_and_every_rng_bit_identical():
     assert model.training
 
 
-def _regression(seed: int = 0):
-    """Linear least squares: the Hessian is X^T X * 2 / n, known in closed form."""
+def _regression(seed: int = 0, learnable: bool = False):
+    """Linear least squares: the Hessian is X^T X * 2 / n, known in closed form.
+
+    Random targets by default (nothing to learn), or a linear function of the inputs.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 6, generator=gen) * torch.tensor([3.0, 1, 1, 1, 1, 0.5])
-    y = torch.randn(64, 1, generator=gen)
+    y = x @ torch.randn(6, 1, generator=gen) if learnable else torch.randn(64, 1, generator=gen)
     model = nn.Linear(6, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
@@ -128,7 +133,7 @@ def test_too_large_an_sgd_step_is_found_with_the_closed_form_sharpness_and_safe_
     d = gradmedic.check(model, x, y, optimizer=torch.optim.SGD(model.parameters(), lr=lr))
     f = d.by_problem(Problem.UNSTABLE_UPDATES)[0]
     ev = f.evidence
-    assert ev["rule"] == "sharpness"
+    assert ev["rule"] == "diverged"  # |1 - lr lam| = 2 per step: the loss grows 4x a step
     assert ev["sharpness_init"] == pytest.approx(lam, rel=1e-3)
     assert ev["limit"] == pytest.approx(2 / lr)
     assert ev["largest_safe_lr"] == pytest.approx(2 / lam, rel=1e-3)
@@ -137,7 +142,8 @@ def test_too_large_an_sgd_step_is_found_with_the_closed_form_sharpness_and_safe_
     assert lower.params["lr"][0] == pytest.approx(0.5 * 2 / lam, rel=0.06)
     assert d.suggested["lr_factor"] == lower.params["factor"]  # one lr rule in the diagnosis
     assert 1e-3 <= lower.params["factor"] <= 0.5
-    assert f"{ev['limit']:.3g}" in f.explanation and "first 10 steps" in f.explanation
+    assert f"first {ev['trial_steps']} steps" in f.explanation
+    assert ev["trial_steps"] < 300 and not math.isfinite(ev["trial_losses"][-1])
 
 
 def test_a_step_inside_the_limit_is_healthy_and_reported():
@@ -206,7 +212,10 @@ def test_a_far_too_large_lr_on_an_mlp_is_critical_with_a_bounded_remedy():
     d = gradmedic.check(model, x, y, optimizer=torch.optim.SGD(model.parameters(), lr=50.0))
     (f,) = d.by_problem(Problem.UNSTABLE_UPDATES)
     s = d.context["step_size"]
-    assert s["sharpness_trial"] > s["limit"]["limit"] == pytest.approx(2 / 50.0)
+    # the first step is past the limit; the net lands in a flat, saturated region whose
+    # loss stays above where it started
+    assert s["sharpness_init"] > s["limit"]["limit"] == pytest.approx(2 / 50.0)
+    assert f.evidence["rule"] == "sharpness" and s["fit_end"] >= s["reference"]
     lower = next(r for r in f.remedies if r.name == "lower_lr")
     edge = 2 / max(s["sharpness_init"], s["sharpness_trial"])  # the lr at the limit
     assert lower.params["lr"][0] == pytest.approx(0.5 * edge, rel=0.06)
@@ -218,13 +227,15 @@ def test_agreement_on_a_small_trainability_grid_is_computed_and_has_no_false_ala
     from gradmedic.trainability import OPTIMIZERS, agreement, false_alarms, run_cell
 
     torch.set_num_threads(1)
-    cells = [run_cell(d, s) for d, s in ((5, 1.0), (10, 0.5), (10, 4.0), (20, 0.5))]
+    # (10, 0.5) learns too slowly under SGD and (40, 3.5) gets stuck under momentum:
+    # check() without the optimizer calls both healthy
+    cells = [run_cell(d, s) for d, s in ((5, 1.0), (10, 0.5), (20, 0.5), (40, 3.5))]
     for name in OPTIMIZERS:
-        assert false_alarms(cells, name, "check_with") == 0
-        assert agreement(cells, name, "check_with") >= agreement(cells, name, "check")
         # independent of the predictors: the outcome is the accuracy, and one cell fails
         assert any(not c.trains(name) for c in cells) and any(c.trains(name) for c in cells)
-        assert agreement(cells, name, "check_with") >= 0.75
+        assert false_alarms(cells, name, "check_with") == 0
+        assert agreement(cells, name, "check_with") > agreement(cells, name, "check")
+        assert agreement(cells, name, "check_with") >= 0.95  # the issue's target
 
 
 def test_a_live_monitor_on_the_model_does_not_record_the_trial_steps():
@@ -244,3 +255,132 @@ def test_hooks_on_the_users_model_do_not_run_on_the_copies():
     model.register_forward_hook(lambda *_: calls.append(1))
     gradmedic.check(model, x, y, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert len(calls) == 1  # check()'s own forward; none of the trial or curvature passes
+
+
+SGD_LIMIT = stability_limit({"type": "SGD", "lr": [0.01], "momentum": [0.0]})  # 2/lr = 200
+
+
+def _judged(losses, *, reference=2.0, headroom=0.3, sharpness=(1.0, 1.0)):
+    return StepJudgement(
+        "SGD",
+        0.01,
+        SGD_LIMIT,
+        sharpness[0],
+        sharpness[1],
+        trial_losses=[float(v) for v in losses],
+        planned_steps=len(losses),
+        reference=reference,
+        headroom=headroom,
+    )
+
+
+def test_windowed_means_and_the_constant_baselines_by_hand():
+    assert windowed([1.0, 3.0, 5.0, 7.0], 3) == [3.0, 5.0]
+    # entropy of frequencies (1/4, 3/4)
+    p = [0.25, 0.75]
+    expected = -sum(q * math.log(q) for q in p)
+    assert constant_baseline(torch.tensor([1, 0, 0, 0])) == pytest.approx(expected)
+    y = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # per-column variance 1 and 4
+    assert constant_baseline(y) == pytest.approx(2.5)
+
+
+def test_a_trial_that_learns_is_healthy_and_a_flat_one_on_learnable_data_is_small_steps():
+    falling = [2.0 * 0.98**k for k in range(300)]
+    assert _judged(falling).verdict == "healthy" and _judged(falling).finding() is None
+    flat = [2.0] * 300
+    f = _judged(flat).finding()
+    assert f is not None and f.problem == Problem.SMALL_STEPS
+    raise_lr = next(r for r in f.remedies if r.name == "raise_lr")
+    # room = limit / sharpness = 200; half of it is 100, bounded at 10x
+    assert raise_lr.params["factor"] == 10.0
+    assert "first 300 steps" in f.explanation and "200" in f.explanation
+
+
+def test_a_flat_trial_on_random_labels_is_no_finding():
+    assert _judged([2.0] * 300, headroom=1.2).verdict == "healthy"
+
+
+def test_a_slow_but_steady_descent_is_not_a_stall():
+    # ends above half the reference 2.0, but its last quarter (67 windows) fell by
+    # 0.003 * 67 = 0.2: another 300 steps at that rate reach half the reference
+    j = _judged([2.0 - 0.003 * k for k in range(300)])
+    assert j.fit[-1] > 0.5 * 2.0 and not j.stalled and j.verdict == "healthy"
+    # the same descent, then flat above half: stalled
+    assert _judged([2.0 - 0.003 * k for k in range(150)] + [1.55] * 150).verdict == "no_fit"
+
+
+def test_a_trial_that_learns_and_falls_back_is_not_called_untrainable():
+    # trials that fell back trained as often as they failed on the grid: no verdict
+    down = [2.0 * 0.97**k for k in range(150)]
+    j = _judged(down + [1.6] * 150, sharpness=(50.0, 150.0))
+    assert min(j.fit) < 0.5 * 2.0 and j.verdict == "healthy"
+
+
+def test_a_step_past_the_limit_whose_loss_does_not_fall_is_unstable_with_a_sized_lr():
+    j = _judged([2.0] * 5 + [2.5] * 5, sharpness=(50.0, 2000.0))  # 10x past 2/lr
+    assert j.verdict == "sharpness"
+    f = j.finding()
+    assert f is not None and f.problem == Problem.UNSTABLE_UPDATES
+    # largest safe lr = lr * limit / sharpness = 0.01 * 200 / 2000 = 1e-3; half of it
+    assert f.evidence["largest_safe_lr"] == pytest.approx(1e-3)
+    lower = next(r for r in f.remedies if r.name == "lower_lr")
+    assert lower.params["factor"] == pytest.approx(0.05)
+
+
+def test_a_stuck_trial_past_the_limit_is_unstable_and_a_nonfinite_one_diverged():
+    j = _judged([1.8] * 300, sharpness=(4000.0, 10.0))  # past the limit at init
+    assert j.verdict == "no_fit"
+    f = j.finding()
+    assert f is not None and f.problem == Problem.UNSTABLE_UPDATES
+    assert f.evidence["lr_factor"] == pytest.approx(0.5 * 200 / 4000)
+    assert _judged([2.0, 3.0, math.inf]).verdict == "diverged"
+
+
+def test_minibatches_cover_every_example_once_per_epoch_and_take_indexes_the_batch():
+    index = minibatches(10, 4)
+    epoch = torch.cat([index(0), index(1)])  # 10 // 4 = 2 steps per epoch
+    assert len(set(epoch.tolist())) == 8 and len(index(2)) == 4
+    batch = {"x": torch.arange(10.0), "mask": torch.ones(3)}
+    got = take(batch, torch.tensor([2, 5]), 10)
+    assert got["x"].tolist() == [2.0, 5.0] and got["mask"].shape == (3,)
+
+
+def test_linear_headroom_tells_a_linear_rule_from_random_labels():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 8, generator=gen)
+    assert linear_headroom(x, (x[:, 0] + x[:, 1] > 0).long()) < 0.9
+    assert linear_headroom(x, torch.randint(0, 4, (256,), generator=gen)) > 0.9
+    assert math.isnan(linear_headroom({"x": x}, None))
+
+
+def test_a_trial_that_fits_stops_early():
+    model, x, y, lam = _regression(learnable=True)
+    d = gradmedic.check(model, x, y, optimizer=functools.partial(torch.optim.SGD, lr=1.0 / lam))
+    s = d.context["step_size"]
+    losses = s["trial_losses"]
+    assert d.healthy and 100 <= len(losses) < 300
+    # the loss at init of a zero-weight model is mean(y^2), above var(y)
+    reference = min(float(y.pow(2).mean()), float(y.var(unbiased=False)))
+    assert s["reference"] == pytest.approx(reference, rel=1e-5)
+    tail = losses[-(len(losses) // 10) :]
+    assert sum(tail) / len(tail) <= 0.1 * reference
+
+
+def test_far_too_small_an_lr_on_learnable_data_is_small_steps_with_a_bounded_raise():
+    model, x, y, lam = _regression(learnable=True)
+    d = gradmedic.check(model, x, y, optimizer=torch.optim.SGD(model.parameters(), lr=1e-5 / lam))
+    (f,) = d.by_problem(Problem.SMALL_STEPS)
+    assert f.evidence["rule"] == "no_fit"
+    assert f.evidence["sharpness_init"] == pytest.approx(lam, rel=1e-3)
+    raise_lr = next(r for r in f.remedies if r.name == "raise_lr")
+    assert raise_lr.params["factor"] == 10.0  # room 2e5x, bounded
+    assert d.suggested["lr_factor"] == 10.0
+
+
+def test_a_net_that_cannot_fit_random_labels_is_healthy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    x, y = torch.randn(128, 10), torch.randint(0, 3, (128,))
+    d = gradmedic.check(model, x, y, optimizer=functools.partial(torch.optim.SGD, lr=1e-3))
+    assert d.healthy, [f.explanation for f in d.findings]
+    assert d.context["step_size"]["headroom"] > 0.9

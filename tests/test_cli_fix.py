@@ -67,7 +67,7 @@ def scripted(monkeypatch):
     """Scripted runs: the original has a finding; ``cured`` remedies remove it."""
 
     def install(cured):
-        def train(setup, remedies, *, budget, seed):
+        def train(setup, remedies, *, budget, seed, horizon=None):
             names = {r.name for r in remedies}
             findings = [] if names & cured else [VANISH]
             losses = [1.0] * 10 + [0.2] * 10

@@ -56,6 +56,28 @@ def test_subset_run_writes_report(tmp_path):
     assert "rnn_power" in out.output and "holds" in out.output  # summary table
 
 
+def test_jobs_run_experiments_in_workers_and_write_the_same_report(tmp_path):
+    names = ["rnn_power", "sigmoid_chain"]
+    payloads = {}
+    for jobs in ("1", "2"):
+        out_dir = tmp_path / f"rep{jobs}"
+        args = ["lab", *names, "--quick", "--jobs", jobs, "--out", str(out_dir)]
+        out = cli.invoke(app, args, terminal_width=200)
+        assert out.exit_code == 0, out.output
+        assert f"{jobs} at a time" in out.output
+        payloads[jobs] = json.loads((out_dir / "results.json").read_text())
+        for r in payloads[jobs]["results"]:
+            for path in r["figures"].values():
+                assert (out_dir / path).read_text().lstrip().startswith("<?xml")
+    one, two = ([r["numbers"] for r in payloads[j]["results"]] for j in ("1", "2"))
+    assert one == two
+
+
+def test_jobs_below_one_is_a_usage_error(tmp_path):
+    out = cli.invoke(app, ["lab", "rnn_power", "--jobs", "0", "--out", str(tmp_path)])
+    assert out.exit_code == 2
+
+
 def test_mnist_folder_is_used(tmp_path):
     from test_lab_framework import _write_mnist
 

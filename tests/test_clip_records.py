@@ -94,9 +94,15 @@ def test_lightning_gradient_clip_val_pre_and_post(tmp_path) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     sink = tmp_path / "pl.jsonl"
     trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.01,
-        default_root_dir=tmp_path, callbacks=[GradmedicCallback(sink=sink)],
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.01,
+        default_root_dir=tmp_path,
+        callbacks=[GradmedicCallback(sink=sink)],
     )
     trainer.fit(Module(), loader)
     _, rows = load_history(sink)
@@ -122,12 +128,21 @@ def test_hf_trainer_max_grad_norm_matches_its_own_log(tmp_path) -> None:
     data = [{"x": torch.randn(8), "labels": torch.randn(1)} for _ in range(32)]
     sink = tmp_path / "hf.jsonl"
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, report_to=[],
-        use_cpu=True, logging_steps=1, save_strategy="no", max_grad_norm=0.01,
-        learning_rate=1e-2, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=16,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        max_grad_norm=0.01,
+        learning_rate=1e-2,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(
-        model=Model(), args=args, train_dataset=data,
+        model=Model(),
+        args=args,
+        train_dataset=data,
         callbacks=[GradmedicTrainerCallback(sink=sink)],
     )
     trainer.train()

@@ -20,12 +20,6 @@ from torch import nn
 
 import gradmedic
 
-#: The recurrent probe's sigma_max cache (probes/spectra.py, RecurrentSpectra) decides
-#: whether to recompute with one bool read per recurrent-sampled step (1 in 20).
-SPECTRA_CACHE = pytest.mark.xfail(
-    strict=True, reason="RecurrentSpectra's reuse rule reads one bool per sampled step"
-)
-
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
@@ -110,9 +104,9 @@ def layer_norms(model: nn.Module) -> dict[str, float]:
     ("make", "options"),
     [
         (mlp, {}),  # default watch(): activations on steps 0 and 20, updates sampled
-        pytest.param(LM, {}, marks=SPECTRA_CACHE),
+        (LM, {}),
         (mlp, {"activations": True, "spectra": True}),
-        pytest.param(LM, {"activations": True, "recurrent": True}, marks=SPECTRA_CACHE),
+        (LM, {"activations": True, "recurrent": True}),
         (LM, {"activations": True, "recurrent": False, "spectra": True}),
     ],
     ids=["mlp-default", "lstm-default", "mlp-everything", "lstm-everything", "lstm-no-recurrent"],

@@ -228,3 +228,51 @@ def test_transformers_series_reach_every_report_to_backend(tmp_path, capsys) -> 
     saved = json.loads((tmp_path / "out" / "gradmedic-diagnosis.json").read_text())
     assert "vanishing" in [f["problem"] for f in saved["findings"]]
     assert "gradmedic: " in capsys.readouterr().err
+
+
+def test_transformers_checkpoints_keep_the_records_and_a_resume_continues_them(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gradmedic.integrations.transformers import STATE_FILE, GradmedicTrainerCallback
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = sigmoid_stack()
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+    torch.manual_seed(1)
+    data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(96)]
+
+    def train(max_steps, callback, resume=None):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=16,
+            report_to=[], use_cpu=True, logging_strategy="no", save_strategy="steps",
+            save_steps=2, learning_rate=1e-2, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = transformers.Trainer(
+            model=Model(), args=args, train_dataset=data, callbacks=[callback]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+
+    first = GradmedicTrainerCallback(show=False)
+    train(4, first)
+    saved = json.loads((tmp_path / "checkpoint-4" / STATE_FILE).read_text())
+    assert [r["step"] for r in saved["rows"]] == [0, 1, 2, 3] and saved["offset"] == 4
+    at_two = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert [r["step"] for r in at_two["rows"]] == [0, 1]
+    assert at_two["rows"][1]["global_grad_norm"] == pytest.approx(
+        saved["rows"][1]["global_grad_norm"], rel=1e-12
+    )
+
+    second = GradmedicTrainerCallback(show=False)
+    train(6, second, resume=str(tmp_path / "checkpoint-4"))
+    rows = second.session.rows()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[2]["global_grad_norm"] == saved["rows"][2]["global_grad_norm"]  # restored
+    assert second.diagnosis is not None and second.diagnosis.coverage.steps == 6
+    assert second.diagnosis.coverage.last_step == 5

@@ -230,12 +230,15 @@ def test_lr_divergence_quick_run():
     r = _run("lr_divergence")
     runs = r.numbers["runs"]
     assert set(runs) == set(lr_divergence.RUNS)
+    assert len(r.numbers["seeds"]) == 2  # quick mode; the full run has 3
     for name, (opt, lr) in lr_divergence.RUNS.items():
-        assert runs[name]["optimizer"] == opt and runs[name]["lr"] == lr
-    curves = r.numbers["curves"][lr_divergence.LARGE]
-    assert runs[lr_divergence.LARGE]["grad_growth"] == pytest.approx(
-        max(curves["grad_norm"]) / curves["grad_norm"][0]
-    )
+        assert [(x["optimizer"], x["lr"]) for x in runs[name]] == [(opt, lr)] * 2
+    for summary, curves in zip(
+        runs[lr_divergence.LARGE], r.numbers["curves"][lr_divergence.LARGE], strict=True
+    ):
+        assert summary["grad_growth"] == pytest.approx(
+            max(curves["grad_norm"]) / curves["grad_norm"][0]
+        )
 
 
 def test_input_output_ratio_and_classify():

@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -112,12 +113,14 @@ def test_verdict_is_computed_from_the_checks(name):
     checks = r.numbers["checks"]
     if len(r.claims) > 1:
         verdict, per_claim = judge_claims(checks)
-        assert per_claim == r.per_claim
     else:
-        verdict = judge(checks)
+        verdict, per_claim = judge(checks), {}
     if r.numbers.get("learned") is False:  # a precondition failed: nothing to judge
         verdict = Verdict.INCONCLUSIVE
+        per_claim = {c: Verdict.INCONCLUSIVE for c in per_claim}
     assert verdict == r.verdict
+    if len(r.claims) > 1:
+        assert per_claim == r.per_claim
     assert all(isinstance(v, bool) for v in _leaves(checks))
 
 
@@ -152,14 +155,27 @@ def test_step0_gradient_ratio_matches_autograd_on_the_first_batch():
     r = quick("residual_vs_plain")
     ds = data.digits(0)
     batch = 64  # the quick batch size
-    idx = torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(0))[:batch]
-    for kind in ("plain", "residual"):
-        model = residual_vs_plain.build(kind, r.numbers["width"], 50, seed=0)
-        nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
-        lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        norms = [math.hypot(m.weight.grad.norm(), m.bias.grad.norm()) for m in lin]
-        assert r.numbers["first_over_last"][kind] == pytest.approx(norms[0] / norms[-1], rel=1e-4)
-    assert r.numbers["first_over_last"]["plain"] < 1e-6  # vanishing, as the theory says
+    assert r.numbers["seeds"] == [0, 1000]  # quick mode: two seeds, the full run three
+    for k, seed in enumerate(r.numbers["seeds"]):
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ds.x_train), generator=gen)[:batch]
+        for kind in ("plain", "residual"):
+            model = residual_vs_plain.build(kind, r.numbers["width"], 50, seed=seed)
+            nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
+            lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            norms = [math.hypot(m.weight.grad.norm(), m.bias.grad.norm()) for m in lin]
+            measured = r.numbers["first_over_last"][kind]["values"][k]
+            assert measured == pytest.approx(norms[0] / norms[-1], rel=1e-4)
+    assert r.numbers["first_over_last"]["plain"]["mean"] < 1e-6  # vanishing, as theory says
+    # the loss comparison is the paired rule recomputed by hand from the per-seed losses
+    plain, res = (r.numbers["final_loss"][k]["values"] for k in ("plain", "residual"))
+    d = [a - b for a, b in zip(plain, res, strict=True)]
+    half = 2 * statistics.stdev(d) / math.sqrt(len(d))
+    cmp = r.numbers["comparisons"]["plain_minus_residual"]
+    assert cmp["diff"] == pytest.approx(statistics.fmean(d))
+    assert cmp["half_width"] == pytest.approx(half)
+    m, bar = statistics.fmean(d), max(half, residual_vs_plain.MARGIN)
+    assert cmp["outcome"] == ("a > b" if m > bar else "a < b" if m < -bar else "tie")
     gain = r.numbers["plain_gain_per_layer"]
     assert gain["measured"] == pytest.approx(gain["mean_field"], rel=0.1)
 
@@ -211,9 +227,9 @@ def test_killed_units_are_dead_on_every_input_and_get_zero_relu_gradient():
 
 def test_dead_relu_numbers():
     n = quick("dead_relu").numbers
-    assert n["first_grad_max_killed"]["relu_sgd"] == 0.0
-    assert n["revived"]["relu_sgd"] == n["revived"]["relu_adam"] == 0
-    assert n["first_grad_max_killed"]["leaky_relu_sgd"] > 0
+    assert n["first_grad_max_killed"]["relu_sgd"] == [0.0] * len(n["seeds"])
+    assert n["revived"]["relu_sgd"]["values"] == n["revived"]["relu_adam"]["values"] == [0, 0]
+    assert min(n["first_grad_max_killed"]["leaky_relu_sgd"]) > 0
 
 
 # ---------------------------------------------------------------- R3 2^N claim
@@ -256,7 +272,8 @@ def test_init_schemes_build_the_stated_weights():
     w = init_schemes.build("relu", "he", [64, 256, 256, 10])[2].weight
     assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / 256), rel=0.02)
     n = quick("init_schemes").numbers
-    assert n["first_over_last"]["relu"]["small"] < 1e-6
+    assert n["first_over_last"]["relu"]["small"]["mean"] < 1e-6
+    assert len(n["first_over_last"]["relu"]["small"]["values"]) == len(n["seeds"]) == 2
 
 
 # ---------------------------------------------------------------- R5 weight decay
@@ -322,12 +339,14 @@ def test_seed_004_batchnorm_reads_mnist_idx_files(tmp_path):
 def test_norm_clipping_gives_min_of_norm_and_threshold():
     n = quick("clipping_exploding").numbers
     t = n["threshold"]
-    norm = n["runs"]["norm"]
-    before = np.array(norm["grad_norm_before_clip"])
-    after = np.array(norm["grad_norm_after_clip"])
-    np.testing.assert_allclose(after, np.minimum(before, t), rtol=1e-4)
-    assert n["first_grad_norm"] > 10 * t  # there was something to clip
-    assert n["diverged"]["none"] == (not all(math.isfinite(v) for v in n["runs"]["none"]["loss"]))
+    for norm in n["runs"]["norm"]:  # one run per seed
+        before = np.array(norm["grad_norm_before_clip"])
+        after = np.array(norm["grad_norm_after_clip"])
+        np.testing.assert_allclose(after, np.minimum(before, t), rtol=1e-4)
+    assert n["first_grad_norm"]["mean"] > 10 * t  # there was something to clip
+    assert n["diverged"]["none"] == [
+        not all(math.isfinite(v) for v in r["loss"]) for r in n["runs"]["none"]
+    ]
     assert n["max_element_after_clip"] <= t
 
 
@@ -389,7 +408,9 @@ def test_gradient_over_time_matches_a_hand_unrolled_gru():
         h.retain_grad()
         hs.append(h)
     nn.functional.mse_loss(model.head(h), y[idx]).backward()
-    expected = [float(v.grad.norm()) for v in hs]
+    n = rec.get("batch", 64)  # the probe may recompute on the batch's first n sequences
+    assert 1 <= n <= 64
+    expected = [float(v.grad[:n].norm()) for v in hs]
     assert rec["dh_norm"] == pytest.approx(expected, rel=1e-4)
 
 
@@ -406,4 +427,4 @@ def test_pretraining_learns_to_reconstruct_without_labels():
     assert errors[0] < 0.7 * mean_guess
     assert torch.equal(model[-1].weight, out_before)  # the output layer is left alone
     n = quick("pretraining").numbers
-    assert len(n["reconstruction_error"]) == n["depth"]
+    assert [len(e) for e in n["reconstruction_error"]] == [n["depth"]] * len(n["seeds"])

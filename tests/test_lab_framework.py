@@ -160,6 +160,65 @@ def test_runner_fixes_seeds_so_runs_repeat(registered):
     assert a["t"] == torch.rand(3).tolist()
 
 
+@pytest.mark.skipif(not runner.can_fork(), reason="worker processes need fork (Linux)")
+def test_workers_give_the_sequential_results_in_registry_order(registered):
+    def rnd(name):
+        def fn(config):
+            fig, ax = plotting.figure()
+            ax.plot([1, 2], [3, 4])
+            numbers = {"t": torch.rand(3).tolist(), "threads": torch.get_num_threads()}
+            return _result(name, numbers=numbers, figures={"f": fig})
+
+        return fn
+
+    def boom(config):
+        raise RuntimeError("worker kaboom")
+
+    names = ["_t_w1", "_t_w2", "_t_w3"]
+    for n in names:
+        registered(n, rnd(n))
+    registered("_t_wboom", boom)
+    seen = []
+    chosen = [*names, "_t_wboom"]
+    parallel = runner.run(chosen, LabConfig(seed=3), jobs=2, on_done=seen.append)
+    serial = runner.run(chosen, LabConfig(seed=3), jobs=1)
+    assert [r.name for r in parallel] == [r.name for r in serial] == sorted(chosen)
+    for p, s in zip(parallel, serial, strict=True):
+        assert p.numbers == s.numbers and p.verdict is s.verdict
+    assert all(r.numbers["threads"] == 1 for r in parallel if r.name != "_t_wboom")
+    # every experiment seeds itself: the worker's draw is the seeded draw
+    torch.manual_seed(3)
+    assert parallel[0].numbers["t"] == torch.rand(3).tolist()
+    boom_result = next(r for r in parallel if r.name == "_t_wboom")
+    assert boom_result.verdict is Verdict.ERROR and "worker kaboom" in boom_result.error
+    assert sorted(r.name for r in seen) == sorted(chosen)  # each reported once, as it finished
+    # workers send their figures back rendered, as the SVG to_svg writes for the same figure
+    svg = next(r for r in parallel if r.name == "_t_w1").figures["f"]
+    assert isinstance(svg, plotting.Svg) and svg == plotting.to_svg(serial[0].figures["f"])
+    assert _result("x", figures={"f": svg}).to_dict()["figures"] == {}  # not a path
+
+
+@pytest.mark.skipif(not runner.can_fork(), reason="worker processes need fork (Linux)")
+def test_workers_start_the_longest_first(registered):
+    for n in ("_t_a", "_t_b", "_t_c", "_t_d"):
+        registered(n, lambda config, n=n: _result(n))
+    started = []
+    durations = {"_t_a": 1.0, "_t_b": 5.0, "_t_c": 3.0}  # _t_d unknown: counted as longest
+    results = runner.run(
+        ["_t_a", "_t_b", "_t_c", "_t_d"],
+        jobs=2,
+        durations=durations,
+        on_start=lambda e: started.append(e.name),
+    )
+    assert started == ["_t_d", "_t_b", "_t_c", "_t_a"]
+    assert [r.name for r in results] == ["_t_a", "_t_b", "_t_c", "_t_d"]  # registry order
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        runner.run(["rnn_power"], jobs=0)
+
+
 def test_runner_restores_torch_threads(registered):
     seen = {}
 

@@ -68,8 +68,10 @@ def test_probes_keep_recording_through_a_divergence() -> None:
     opt = torch.optim.SGD([*model.parameters(), *rnn.parameters()], lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no probe may switch itself off
-        with gradmedic.watch(model, opt, spectra=True, update_every=1, activations=True) as mon, \
-                gradmedic.watch(rnn, recurrent=True, spectra=True, update_every=1) as rmon:
+        with (
+            gradmedic.watch(model, opt, spectra=True, update_every=1, activations=True) as mon,
+            gradmedic.watch(rnn, recurrent=True, spectra=True, update_every=1) as rmon,
+        ):
             for step in range(3):
                 if step == 1:
                     with torch.no_grad():

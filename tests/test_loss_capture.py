@@ -96,8 +96,13 @@ def test_lightning_records_the_training_loss(tmp_path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     sink = tmp_path / "pl.jsonl"
     trainer = pl.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         callbacks=[GradmedicCallback(sink=sink)],
     )
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))

@@ -75,6 +75,32 @@ def test_30_layer_mlp_matches_autograd() -> None:
     assert row["delta_norm"]["0"] < row["delta_norm"]["58"]
 
 
+def test_a_net_deeper_than_the_per_step_share_is_measured_in_interleaved_turns(
+    monkeypatch,
+) -> None:
+    from gradmedic.probes import deltas as delta_module
+
+    monkeypatch.setattr(delta_module, "PER_STEP", 4)  # 10 layers: shares of every 3rd layer
+    torch.manual_seed(0)
+    model = mlp(10).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    loss_fn = lambda y: (y**2).mean()  # noqa: E731
+    names = [str(2 * i) for i in range(10)]
+    deltas, _, _ = sequential_reference(model, x, loss_fn)  # no optimizer: the weights stay
+    with gradmedic.watch(model, updates=False) as mon:
+        for turn in range(4):
+            model.zero_grad()
+            loss_fn(model(x)).backward()
+            mon.step()
+            hooked = sum(1 for m in model.modules() for _ in m._forward_hooks.values())
+            row = mon.history.rows()[-1]
+            want = {n: deltas[n] for n in names[turn % 3 :: 3]}
+            assert_close_dict(row["delta_norm"], want)
+            assert list(row["output_max"]) == list(want)
+            assert row["grad_norm"].keys() == set(names)  # gradients: every layer, every step
+    assert hooked <= 4 + 3  # the share, plus the pass watch on the model and its end layers
+
+
 def test_cnn_matches_autograd() -> None:
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),

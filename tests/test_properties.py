@@ -86,8 +86,11 @@ def outputs_and_grads(
     model: nn.Module, x: torch.Tensor, steps: int, watch: bool, compiled: bool
 ) -> list[torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    mon = gradmedic.watch(model, opt, activations=True, spectra=True, update_every=1) if watch \
+    mon = (
+        gradmedic.watch(model, opt, activations=True, spectra=True, update_every=1)
+        if watch
         else None
+    )
     # Dynamo traces the hooks whatever the backend; "eager" keeps the test fast
     # (tests/test_compile.py runs the default inductor backend).
     run = torch.compile(model, backend="eager", fullgraph=True) if compiled else model

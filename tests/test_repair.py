@@ -10,7 +10,7 @@ from torch import nn
 
 import gradmedic
 from gradmedic.autorepair import Budget, Setup, TrainOutcome, TrainSettings, repair, search
-from gradmedic.autorepair.appliers import NotApplicable
+from gradmedic.autorepair.appliers import NotApplicable, applier_for
 from gradmedic.autorepair.examples import BROKEN, adding, digits, healthy_mlp, mlp
 from gradmedic.autorepair.plan import ranked_pool
 from gradmedic.findings import Diagnosis, Finding, Problem, Remedy, Severity
@@ -55,7 +55,7 @@ class Script:
         self.preflights = {frozenset(k): v for k, v in pre.items()}
         self.trained: list[tuple[tuple[str, ...], int]] = []
 
-    def train(self, setup, remedies, *, budget, seed):
+    def train(self, setup, remedies, *, budget, seed, horizon=None):
         names = tuple(r.name for r in remedies)
         self.trained.append((names, budget.steps))
         findings, metric, *rest = self.runs.get(frozenset(names), ([VANISH], 0.0))
@@ -121,33 +121,37 @@ def _classes_setup():
     )
 
 
+def _names(candidate):
+    return [r.name for r in candidate.remedies]
+
+
 def test_best_of_budget_beats_first_acceptable(scripted):
-    # he_init passes and comes first; batch_norm + he_init is better but later in the pool
+    # He init + Adam passes and comes first; batch norm + He init + Adam is better but later
+    adam = "adaptive_optimizer"
     runs = {
         (): ([VANISH], 0.30),
-        ("he_init",): ([], 0.60),
+        ("he_init", adam): ([], 0.60),
         ("swap_relu",): ([SATURATE], 0.20),
-        ("swap_relu", "he_init"): ([SATURATE], 0.25),
-        ("he_init", "batch_norm"): ([], 0.90),
+        ("he_init", "batch_norm", adam): ([], 0.90),
     }
-    # sick at initialization (structural), and so is every candidate with swap_relu
-    script = scripted(runs, preflights=lambda n: [VANISH] if not n or "swap_relu" in n else [])
+    # sick at initialization (structural), and so is every candidate with a swap or LSUV
+    sick = {"swap_relu", "swap_elu", "lsuv_init"}
+    script = scripted(runs, preflights=lambda n: [VANISH] if not n or n & sick else [])
     first = repair(_setup(), budget=Budget(steps=90), max_candidates=1)
     # one run of compute: the first healthy candidate of the pool, as a first-acceptable
     # search would accept it
-    assert first.accepted.names == ["he_init"] and first.accepted.metric == 0.60
+    assert _names(first.accepted) == ["he_init", adam] and first.accepted.metric == 0.60
     best = repair(_setup(), budget=Budget(steps=90), max_candidates=4)
-    assert sorted(best.accepted.names) == ["batch_norm", "he_init"]
+    assert sorted(_names(best.accepted)) == [adam, "batch_norm", "he_init"]
     assert best.accepted.metric == 0.90 and best.accepted.steps == 90
-    # he_init passed at full length too, and was not the one kept
-    he = [c for c in best.candidates if c.names == ["he_init"] and c.steps == 90]
+    # He init + Adam passed at full length too, and was not the one kept
+    he = [c for c in best.candidates if _names(c) == ["he_init", adam] and c.steps == 90]
     assert he and he[0].stage == "passed" and not he[0].accepted
     assert he[0].note.endswith(f"{best.accepted.label} is better")
-    # successive halving: runs of 10 steps, 3 of 30, 2 of 90, within 4 x 90 steps
+    # successive halving: up to 18 runs of 10 steps, the best 2 at 90, within 4 x 90 steps
     lengths = [steps for _, steps in script.trained[3:]]  # after both originals
-    assert lengths == sorted(lengths) and set(lengths) == {10, 30, 90}
-    # rung 0 holds the whole pool without swap_relu: he_init, batch_norm, Adam, 3 pairs, 1 triple
-    assert lengths.count(30) == 3 and lengths.count(90) == 2 and lengths.count(10) == 7
+    assert lengths == sorted(lengths) and set(lengths) == {10, 90}
+    assert lengths.count(90) >= 2 and 1 <= lengths.count(10) <= 18 and sum(lengths) <= 360
     assert best.steps_spent <= best.steps_total == 360
 
 
@@ -172,9 +176,10 @@ def test_acceptance_rejects_chance_even_when_its_loss_fell(scripted):
         he.note
     )
     assert "closest: he_init (accuracy 0.45 after 20 steps" in result.message
-    passing = scripted({(): ([VANISH], 0.1), ("swap_relu",): ([], 0.61)}, {(): [VANISH]})
+    with_adam = ("swap_relu", "adaptive_optimizer")
+    passing = scripted({(): ([VANISH], 0.1), with_adam: ([], 0.61)}, {(): [VANISH]})
     ok = repair(setup, budget=Budget(steps=20), max_candidates=1)
-    assert ok.repaired and passing.trained[-1] == (("swap_relu",), 20)
+    assert ok.repaired and passing.trained[-1] == (with_adam, 20)
     assert "+0.21 over the majority class's 0.4" in ok.message
 
 
@@ -186,10 +191,10 @@ def _outcome(findings, steps):
 
 
 def test_a_bug_propagates_and_not_applicable_is_skipped(scripted):
-    def train(setup, remedies, *, budget, seed, bug):
+    def train(setup, remedies, *, budget, seed, bug, horizon=None):
         names = [r.name for r in remedies]
-        if "swap_relu" in names:
-            raise NotApplicable("swap_relu: no Sigmoid in this model")
+        if any(n.startswith("swap_") for n in names):
+            raise NotApplicable(f"{names[0]}: no Sigmoid in this model")
         if "he_init" in names and bug:
             raise RuntimeError("a bug in an applier")
         return _outcome([VANISH] if not remedies else [], budget.steps)
@@ -200,10 +205,11 @@ def test_a_bug_propagates_and_not_applicable_is_skipped(scripted):
     # the declared error is recorded, and the search goes on
     scripted({}, {(): [VANISH]}, train=lambda *a, **k: train(*a, **k, bug=False))
     result = repair(_setup(), budget=Budget(steps=20), max_candidates=1)
-    skipped = result.candidates[1:4]  # swap_relu, + he_init, + Adam: none trained
+    skipped = result.candidates[1:5]  # swap_relu or swap_elu, with Adam or not: none trained
     assert all(not c.trained and c.stage == "not applicable" for c in skipped)
-    assert skipped[0].note == "not applicable: swap_relu: no Sigmoid in this model"
-    assert result.accepted is result.candidates[4] and result.accepted.names == ["he_init"]
+    assert skipped[1].note == "not applicable: swap_relu: no Sigmoid in this model"
+    assert result.accepted is result.candidates[5]
+    assert _names(result.accepted) == ["he_init", "adaptive_optimizer"]
 
 
 def test_applier_raises_not_applicable_only_for_what_does_not_fit():
@@ -237,9 +243,16 @@ def test_structural_triage_and_combinations_from_the_diagnosis(scripted):
     )
     pool = list(ranked_pool([exploding], structural=True, adaptive=False))
     names = [sorted(r.name for r in combo) for combo in pool]
-    # model remedies lead; batch norm + He init + Adam comes within the first rung (9 runs)
-    assert names[0] == ["he_init"]
+    # model remedies lead, each under Adam first, then under the user's own optimizer;
+    # batch norm + He init + Adam comes within the first rung (9 runs)
+    assert names[:2] == [["adaptive_optimizer", "he_init"], ["he_init"]]
     assert ["adaptive_optimizer", "batch_norm", "he_init"] in names[:9]
+    # the kin of a proposed init (LSUV) is tried too, but the proposed one first
+    assert ["adaptive_optimizer", "lsuv_init"] in names[2:9]
+    # an adaptive optimizer already: no Adam, the model fix alone leads
+    own = list(ranked_pool([exploding], structural=True, adaptive=True))
+    assert [r.name for r in own[0]] == ["he_init"]
+    assert not any(r.name == "adaptive_optimizer" for c in own for r in c)
     # a threshold measured on exploding norms is replaced by the conventional 1.0
     clips = [r.params["max_norm"] for combo in pool for r in combo if r.name == "clip_norm"]
     assert clips and set(clips) == {1.0}
@@ -250,24 +263,141 @@ def test_structural_triage_and_combinations_from_the_diagnosis(scripted):
     assert training[0][0].name == "clip_norm"
 
 
+def _model_order(pool):
+    """The model remedies in the order the pool tries them, each first under Adam alone."""
+    order = []
+    for combo in pool:
+        names = [r.name for r in combo]
+        if len(names) == 2 and "adaptive_optimizer" in names:
+            (model,) = [n for n in names if n != "adaptive_optimizer"]
+            if applier_for(model).model is not None and model not in order:
+                order.append(model)
+    return order
+
+
+def _critical(problem, *remedies):
+    return Finding(problem, Severity.CRITICAL, ["0"], {}, problem.value, list(remedies))
+
+
+def test_kin_remedies_follow_the_proposed_ones():
+    tanh = _critical(
+        Problem.VANISHING,
+        catalog.swap_activation("Tanh", "ReLU"),
+        catalog.init_scheme("he"),
+        catalog.normalization("batch"),
+    )
+    pool = list(ranked_pool([tanh], structural=True, adaptive=False, activations={"Tanh"}))
+    # ELU beside the proposed ReLU; LSUV and orthogonal init (tanh: odd, slope 1 at 0)
+    # beside the proposed He init; the proposed ones first
+    assert _model_order(pool) == [
+        "swap_relu",
+        "swap_elu",
+        "he_init",
+        "lsuv_init",
+        "orthogonal_init",
+        "batch_norm",
+    ]
+    elu = next(r for c in pool for r in c if r.name == "swap_elu")
+    assert elu.params["mapping"] == {"Tanh": "ELU"}
+    # a ReLU net that vanishes: ReLU -> ELU, LSUV; no orthogonal init (ReLU is not odd)
+    relu = _critical(
+        Problem.VANISHING,
+        catalog.init_scheme("he"),
+        catalog.normalization("batch"),
+        catalog.residual(),
+    )
+    pool = list(ranked_pool([relu], structural=True, adaptive=False, activations={"ReLU"}))
+    assert _model_order(pool) == ["he_init", "lsuv_init", "swap_elu", "batch_norm", "residual"]
+    # a plain RNN whose updates are unstable, no init proposed: orthogonal W_h joins
+    unstable = _critical(Problem.UNSTABLE_UPDATES, catalog.lower_lr(0.01), catalog.clip_norm(1.0))
+    pool = list(ranked_pool([unstable], structural=False, adaptive=False, activations={"RNN"}))
+    assert [r.name for r in pool[0]] == ["lower_lr"]  # training remedies lead
+    models = [r.name for c in pool for r in c if applier_for(r).model is not None]
+    assert models[0] == "orthogonal_init" and set(models) == {"orthogonal_init", "lsuv_init"}
+    # without a recurrent layer, nothing is added to a pool of training remedies
+    plain = list(ranked_pool([unstable], structural=False, adaptive=False, activations={"ReLU"}))
+    assert not any(applier_for(r).model is not None for c in plain for r in c)
+
+
+def test_an_lr_change_is_one_remedy_whatever_rate_it_comes_to():
+    from gradmedic.autorepair.plan import combo_key, key
+
+    a, b = catalog.lower_lr(0.1, lr=[1e-3]), catalog.lower_lr(0.1, lr=[1e-4])
+    assert a.params["lr"] != b.params["lr"] and key(a) == key(b)
+    assert key(a) != key(catalog.lower_lr(0.01, lr=[1e-3]))
+    assert combo_key((a, catalog.clip_norm(1.0))) == combo_key((catalog.clip_norm(1.0), b))
+    # Adam's lr is a setting, not information
+    adam = catalog.adaptive_optimizer()
+    assert key(adam) != key(Remedy(adam.name, "", adam.call, {**adam.params, "lr": 1e-2}))
+
+
+def test_a_warmup_is_judged_at_the_lr_it_recommends():
+    from gradmedic.autorepair.plan import sane
+
+    long = catalog.warmup(0.01, 100)
+    assert sane(long, 90).params == {"start_factor": 0.01, "steps": 45}
+    assert sane(catalog.warmup(0.01, 30), 90).params["steps"] == 30
+    assert sane(long).params["steps"] == 100  # no trial length: as proposed
+
+
+def test_a_short_run_compresses_the_warmup_of_the_full_run():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    setup = Setup(
+        lambda: nn.Linear(3, 1),
+        ((x, y), (x, y)),
+        nn.MSELoss(),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=8,
+    )
+
+    def by_hand(total_iters):
+        # the harness's loop written out: seeded model and batches, LinearLR warmup
+        from gradmedic.autorepair.setup import train_batches
+
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=total_iters)
+        batches = train_batches((x, y), 8, torch.Generator().manual_seed(0))
+        for _ in range(10):
+            xb, yb = next(batches)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(xb), yb).backward()
+            opt.step()
+            sched.step()
+        return [p.detach() for p in model.parameters()]
+
+    warm = [catalog.warmup(0.1, 90)]
+    short = search.train(setup, warm, budget=Budget(steps=10), seed=0, horizon=90)
+    plain = search.train(setup, warm, budget=Budget(steps=10), seed=0)
+    for got, want in zip(short.model.parameters(), by_hand(10), strict=True):
+        assert torch.equal(got.detach(), want)  # 90 steps of warmup, scaled to 10
+    for got, want in zip(plain.model.parameters(), by_hand(90), strict=True):
+        assert torch.equal(got.detach(), want)
+
+
 def test_screened_candidates_are_not_trained(scripted):
-    sick = {"swap_relu", "he_init"}
+    bn = ("batch_norm", "adaptive_optimizer")
     script = scripted(
-        {(): ([VANISH], 0.1), ("batch_norm",): ([], 0.9)},
-        preflights=lambda names: [VANISH] if not names or names & sick else [],
+        {(): ([VANISH], 0.1), bn: ([], 0.9)},
+        preflights=lambda names: [] if names and names <= set(bn) else [VANISH],
     )
     result = repair(_setup(), budget=Budget(steps=20), max_candidates=1)
-    assert [names for names, _ in script.trained] == [(), ("batch_norm",)]
-    # swap_relu, + he_init, + he_init + Adam, he_init, swap_relu + batch_norm (+ Adam)
-    assert [c.stage for c in result.candidates] == ["original"] + ["screened"] * 6 + ["accepted"]
-    assert result.candidates[1].note == "screened out: findings at initialization"
-    assert result.steps_spent == 20 and result.extra["preflights"] == 7
+    assert [names for names, _ in script.trained] == [(), bn]
+    screened = [c for c in result.candidates if c.stage == "screened"]
+    stages = ["original", *(["screened"] * len(screened)), "accepted"]
+    assert [c.stage for c in result.candidates] == stages
+    # everything the pool puts before batch norm + Adam was preflighted and not trained
+    assert len(screened) >= 4 and all(c.steps == 0 for c in screened)
+    assert screened[0].note == "screened out: findings at initialization"
+    assert result.steps_spent == 20 and result.extra["preflights"] == len(screened) + 1
 
 
 def test_random_strategy_spends_the_same_steps_and_is_seeded(scripted):
     trained = []
 
-    def train(setup, remedies, *, budget, seed):  # every combination fails
+    def train(setup, remedies, *, budget, seed, horizon=None):  # every combination fails
         trained.append(remedies)
         return TrainOutcome(
             nn.Linear(1, 1), Diagnosis([VANISH]), 0.1, 1.0, budget.steps, 0.01, False,
@@ -291,7 +421,7 @@ def test_random_strategy_spends_the_same_steps_and_is_seeded(scripted):
 
 
 def test_progress_events_and_time_cap(scripted):
-    scripted({(): ([VANISH], 0.1), ("swap_relu",): ([], 0.5)}, {(): [VANISH]})
+    scripted({(): ([VANISH], 0.1), ("swap_relu", "adaptive_optimizer"): ([], 0.5)}, {(): [VANISH]})
     events = []
     result = repair(_setup(), budget=Budget(steps=20), max_candidates=1, progress=events.append)
     assert [(e.index, e.done is not None) for e in events] == [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections import Counter
 from html.parser import HTMLParser
 
 import pytest
@@ -28,13 +29,36 @@ class _DomReader(HTMLParser):
         super().__init__()
         self.selfcheck: dict[str, str] = {}
         self.claim_rows: list[str] = []
+        self.ids: set[str] = set()
+        self.toc_links: list[str] = []
+        self.summary: dict[str, str] = {}  # verdict -> the text of its count
+        self._in_toc = False
+        self._verdict: str | None = None
 
     def handle_starttag(self, tag, attrs):
         attrs = {k: v or "" for k, v in attrs}
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
         if attrs.get("id") == "selfcheck":
             self.selfcheck = attrs
         if tag == "tr" and "data-claim" in attrs:
             self.claim_rows.append(attrs["data-claim"])
+        if tag == "nav" and attrs.get("id") == "toc":
+            self._in_toc = True
+        if self._in_toc and tag == "a":
+            self.toc_links.append(attrs.get("href", ""))
+        if tag == "span" and "count" in attrs.get("class", "").split() and "data-verdict" in attrs:
+            self._verdict = attrs["data-verdict"]
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._in_toc = False
+        if tag == "span":
+            self._verdict = None
+
+    def handle_data(self, data):
+        if self._verdict is not None:
+            self.summary[self._verdict] = self.summary.get(self._verdict, "") + data
 
 
 def _open(chromium, index, profile_dir) -> tuple[str, str]:
@@ -63,8 +87,11 @@ def _open(chromium, index, profile_dir) -> tuple[str, str]:
 
 def test_report_renders_in_chromium(chromium, tmp_path):
     results = runner.run(
-        ["sigmoid_chain", "rnn_power", "dead_relu", "paper_pascanu2013"], LabConfig(quick=True)
+        ["sigmoid_chain", "rnn_power", "dead_relu", "paper_pascanu2013"],
+        LabConfig(quick=True),
+        jobs=2,  # figures rendered in worker processes, as `gradmedic lab` does by default
     )
+    assert len({r.verdict for r in results}) > 1  # the summary has more than one count
     index = write_report(results, tmp_path / "report", config=LabConfig(quick=True))
     dom, stderr = _open(chromium, index, tmp_path / "profile")
 
@@ -83,6 +110,14 @@ def test_report_renders_in_chromium(chromium, tmp_path):
     # counts every experiment once
     assert check["data-toc"] == str(len(results) + 2)
     assert check["data-summary"] == str(len(results))
+    # every contents entry leads to a section of the page, one per experiment, in order
+    targets = [link.removeprefix("#") for link in page.toc_links]
+    assert all(t in page.ids for t in targets), set(targets) - page.ids
+    assert targets[1:-1] == [r.name for r in results]
+    # the summary's count per verdict is the tally of the results' verdicts
+    tally = Counter(r.verdict.value for r in results)
+    assert {v: int(text.split()[0]) for v, text in page.summary.items()} == dict(tally)
+    assert all(text.strip() == f"{tally[v]} {v}" for v, text in page.summary.items())
     # every panel of every figure draws data (a line, points, bars or an image)
     assert int(check["data-panels"]) >= n_figures
     assert check["data-empty"] == "", f"empty panels: {check['data-empty']}"

@@ -239,3 +239,20 @@ def test_contents_summary_sources_and_back_to_top(tmp_path):
     assert "Vanishing and exploding gradients" in html
     assert "seeds 00" not in html  # the source texts are cited as sources, not "seeds"
     assert "inconclusive" in html
+
+
+def test_previous_seconds_only_from_a_run_like_this_one(tmp_path):
+    from gradmedic.report.html import previous_seconds
+
+    config = LabConfig(quick=True, seed=3)
+    results = _results()
+    for k, r in enumerate(results):
+        r.seconds = 1.5 * (k + 1)
+    write_report(results, tmp_path, config=config)
+    assert previous_seconds(tmp_path, config) == {
+        r.name: 1.5 * (k + 1) for k, r in enumerate(results)
+    }
+    assert previous_seconds(tmp_path, LabConfig(quick=False, seed=3)) == {}  # another size
+    assert previous_seconds(tmp_path / "none", config) == {}
+    (tmp_path / "results.json").write_text("not json")
+    assert previous_seconds(tmp_path, config) == {}

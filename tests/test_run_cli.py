@@ -146,8 +146,10 @@ def test_lightning_script_is_watched(tmp_path) -> None:
     assert run_script(SCRIPTS / "lightning_fit.py", [], out=out, sink=out / "run.jsonl") == 0
     header, rows = load_history(out / "run.jsonl")
     # The module's `net`. Lightning steps with a closure, so the model's first forward (which
-    # attaches the monitor) runs inside step 0, after its pre-hooks: steps 1-3 are recorded.
-    assert header["layers"][0] == "0" and [r["step"] for r in rows] == [1, 2, 3]
+    # attaches the monitor) runs inside step 0, after its pre-hooks: step 0 is still recorded,
+    # from the gradients it stepped on (without update ratios, measured from step 1 on).
+    assert header["layers"][0] == "0" and [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert "update_ratio" not in rows[0] and "update_ratio" in rows[1]
     assert "vanishing" in _problems(out)
     assert all(isinstance(r.get("loss"), float) for r in rows)
 

@@ -86,6 +86,15 @@ def _normalized(v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [x / norm for x in v]
 
 
+def _gradient_graph(
+    loss_fn: LossClosure, params: Sequence[torch.Tensor], iterations: int
+) -> tuple[torch.Tensor, ...]:
+    """The loss's gradient with its graph kept, for Hessian-vector products on it."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    return torch.autograd.grad(loss_fn(), list(params), create_graph=True)
+
+
 def top_eigenvalue(
     loss_fn: LossClosure,
     params: Sequence[torch.Tensor],
@@ -120,11 +129,8 @@ def top_eigenvalue(
         The :class:`Eigen` found. Power iteration finds the eigenvalue largest in
         magnitude; at init of a classifier that is the positive top one.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
     params = list(params)
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = _gradient_graph(loss_fn, params, iterations)
     root = [s.sqrt() for s in scale] if scale is not None else None
     if start is not None:
         v = _normalized([s.detach().to(p.dtype) for s, p in zip(start, params, strict=True)])
@@ -182,11 +188,8 @@ def sharpness(
     Returns:
         The :class:`Eigen`: ``value`` the top Ritz value, ``vector`` its Ritz vector.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
     params = list(params)
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = _gradient_graph(loss_fn, params, iterations)
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
     root = torch.cat([s.detach().sqrt().reshape(-1) for s in scale]).double() if scale else None

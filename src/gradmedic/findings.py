@@ -6,6 +6,7 @@ and the repair search read them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -105,17 +106,7 @@ class Episode:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for JSON."""
-        return _plain(
-            {
-                "onset": self.onset,
-                "peak": self.peak,
-                "peak_value": self.peak_value,
-                "last": self.last,
-                "recovery": self.recovery,
-                "records": self.records,
-                "measure": self.measure,
-            }
-        )
+        return _plain(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradmedic.context import model_context
 from gradmedic.errors import GradmedicError
+from gradmedic.forward_trace import ForwardTrace
 from gradmedic.history import History, JsonlSink
-from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import RECURRENT_TYPES, LayerIndex, is_activation
 from gradmedic.optimizer_facts import optimizer_facts
 from gradmedic.passes import PassWatch
@@ -89,7 +89,8 @@ class Monitor:
             ``loss.backward()``.
         every: Record one step in ``every``, or a schedule ``f(step) -> bool``.
         history: Number of recorded steps kept in memory (a ring buffer).
-        deltas: Record ||dL/d(layer output)|| and max |output| per layer.
+        deltas: Record ||dL/d(layer output)|| and max |output| per layer (a model
+            of more than 32 layers: an interleaved share of 32 per step, in turn).
         updates: Record parameter norms and update ratios ||dw|| / ||w||.
         update_every: Measure updates on one recorded step in this many (a
             measurement copies the parameters once); the first 20 recorded steps
@@ -97,8 +98,9 @@ class Monitor:
         activations: Record dead and saturated units of activation modules:
             an int ``n`` samples one step in ``n`` (the first one included),
             True every recorded step, False never.
-        recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules,
-            on one step in ``n`` (True: every recorded step, False: never).
+        recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules (on
+            up to 8 sequences of the batch), on one step in ``n`` (True: every
+            recorded step, False: never).
         spectra: Record the largest singular value of each layer's weight, on
             one recorded step in ``update_every`` (True) or in ``n``.
         sink: A JSONL file that receives every record, flushed as it is
@@ -162,12 +164,15 @@ class Monitor:
         self._loss_scale: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
+        self._pre_ran = False  # the optimizer's step pre-hook ran for the current step
         self._loss: torch.Tensor | float | None = None
         self._clip: dict[str, Any] | None = None
         self._handles: list[RemovableHandle] = []
-        self._order_hooks = ModuleHooks()
-        self._seen_order: list[str] = []
+        # The forward-order tracer (every submodule hooked) runs until the first record only.
+        self._trace = ForwardTrace(model)
         self._order_fixed = False
+        #: Modules in the order their forwards finished, from the first recorded step.
+        self.forward_order: list[str] = []
 
         self._gradients = GradientProbe()
         self._updates = UpdateProbe() if updates else None
@@ -183,9 +188,9 @@ class Monitor:
 
             self.probes.append(ActivationProbe(every=act_every))
         if rec_every and any(isinstance(m, RECURRENT_TYPES) for m in model.modules()):
-            from gradmedic.probes.recurrent import RecurrentProbe
+            from gradmedic.probes.recurrent import SAMPLED_SEQUENCES, RecurrentProbe
 
-            self.probes.append(RecurrentProbe(every=rec_every))
+            self.probes.append(RecurrentProbe(every=rec_every, max_batch=SAMPLED_SEQUENCES))
         if spec_every:
             from gradmedic.probes.weight_spectra import WeightSpectraProbe
 
@@ -207,8 +212,7 @@ class Monitor:
             probe.on_error = self._probe_failed
             probe.attach(self.index)
             probe.set_recording(self._schedule(0))
-        for layer in self.index:
-            self._order_hooks.forward(layer.module, self._order_hook(layer.name))
+        self._trace.arm()
         layers = [layer.module for layer in self.index]
         self._passes = PassWatch(
             [outer, model, *layers[:1], *layers[-1:]],
@@ -290,7 +294,7 @@ class Monitor:
         """Run every detector on the recorded history."""
         from gradmedic.diagnose import diagnose_rows
 
-        context = model_context(self.model, self.layers)
+        context = model_context(self.model, self.layers, self.forward_order)
         context["optimizer"] = optimizer_facts(self.optimizer)
         context["monitor"] = self.coverage()
         return diagnose_rows(self.history.rows(), config, layers=self.layers, context=context)
@@ -322,7 +326,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._order_hooks.remove()
+        self._trace.disarm()
         self._passes.remove()
         for probe in self.probes:
             try:
@@ -383,6 +387,7 @@ class Monitor:
         self._log_level = torch.where(ok, new, level)
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        self._pre_ran = True
         if not self._recording():
             return None
         self._loss_scale = _grad_scaler_scale()
@@ -424,6 +429,12 @@ class Monitor:
             self._updates.before(keep, advance=keep is True)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._pre_ran and self._pending is None and self._recording():
+            # Attached during this very step (inside its closure: gradmedic run under
+            # Lightning), so the pre-step hook never ran: the gradients it stepped on are
+            # still there; only this step's update ratios are missing.
+            self._guarded(self._collect)
+        self._pre_ran = False
         if self._pending is not None and self._updates is not None and self._updates.pending:
             self._guarded(self._updates.after)
         self._guarded(self._finish_step)
@@ -440,9 +451,10 @@ class Monitor:
             self._before_update()
 
     def _collect(self) -> None:
-        if not self._order_fixed:
-            self._fix_order()
         data: dict[str, Any] = {"step": self.steps}
+        if not self._order_fixed:
+            data["_forward_nonfinite"] = self._trace.take_flags()
+            self._fix_order()
         self._gradients.loss_scale = self._loss_scale
         for probe in list(self.probes):
             if probe is self._updates:
@@ -533,6 +545,8 @@ class Monitor:
         """Reset the per-step state of every probe and move to the next step."""
         self._backward_done = False
         self._loss_scale = None
+        if not self._order_fixed:
+            self._trace.take_flags()  # an unrecorded step's flags: the record is of a later one
         for probe in self.probes:
             probe.reset()
         self.steps += 1
@@ -567,7 +581,11 @@ class Monitor:
                 del row["clip"]  # changed (loss unscaling) but not clipped
         elif isinstance(clip, dict) and "clipped" in clip:
             clip["clipped"] = bool(clip["clipped"])
+        flags = row.pop("_forward_nonfinite", None)
         origin = _nonfinite_origin(row, order, backward, bool(grads_finite))
+        module = flags.first() if origin is not None and flags is not None else None
+        if module is not None:  # the module whose output was the first NaN/Inf (tracer)
+            row["nonfinite_module"] = module
         row["nonfinite_origin"] = origin
         first = self._first_nonfinite
         if origin is not None and (first is None or origin["step"] < first["step"]):
@@ -593,17 +611,13 @@ class Monitor:
                     return
 
     def _fix_order(self) -> None:
-        if self._seen_order:
-            self.index.set_forward_order(self._seen_order)
+        self.forward_order = self._trace.order
+        layers = set(self.index.names)
+        seen = [name for name in self.forward_order if name in layers]
+        if seen:
+            self.index.set_forward_order(seen)
         self._order_fixed = True
-        self._order_hooks.remove()
-
-    def _order_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not self._order_fixed and torch.is_grad_enabled() and name not in self._seen_order:
-                self._seen_order.append(name)
-
-        return hook
+        self._trace.disarm()
 
     # ------------------------------------------------------------------ failure
     def _guarded(self, fn: Callable[[], None]) -> None:

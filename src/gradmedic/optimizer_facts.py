@@ -18,8 +18,20 @@ import torch
 
 #: Optimizers that divide each step by a running gradient scale.
 ADAPTIVE = frozenset(
-    {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Adafactor",
-     "SparseAdam", "Lion", "Sophia"}
+    {
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "Adagrad",
+        "Adadelta",
+        "RMSprop",
+        "Adafactor",
+        "SparseAdam",
+        "Lion",
+        "Sophia",
+    }
 )
 
 

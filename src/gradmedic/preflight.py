@@ -43,7 +43,8 @@ def check(
     *,
     config: DiagnosisConfig | None = None,
     optimizer: OptimizerLike | None = None,
-    trial_steps: int = 10,
+    trial_steps: int = 300,
+    trial_batch: int = 64,
 ) -> Diagnosis:
     """Diagnose a model's gradient flow on one batch, before any training.
 
@@ -66,13 +67,19 @@ def check(
         config: Detector thresholds.
         optimizer: The optimizer training will use, over ``model.parameters()``,
             or a factory ``params -> Optimizer`` (``functools.partial(torch.optim.SGD,
-            lr=0.01, momentum=0.9)``). Then the step size is judged too
-            (:mod:`gradmedic.step_size`): the top Hessian eigenvalue at init and
-            after ``trial_steps`` steps on a copy against the optimizer's
-            stability limit; ``context["step_size"]`` holds the numbers and an
-            ``unstable_updates`` finding the verdict. The model, the optimizer and
-            every RNG (torch CPU/CUDA, ``random``, NumPy) are left as they were.
-        trial_steps: Steps taken on the copy (with ``optimizer``).
+            lr=0.01, momentum=0.9)``). Then the training is judged too
+            (:mod:`gradmedic.step_size`): up to ``trial_steps`` steps on copies,
+            on minibatches of ``trial_batch`` drawn from ``inputs``, judged by
+            what their loss does (diverges, falls then rises back, never falls),
+            with the top Hessian eigenvalue at init and after the trial against
+            the optimizer's stability limit as evidence; ``context["step_size"]``
+            holds the numbers, an ``unstable_updates`` or ``small_steps``
+            finding the verdict. The model, the optimizer and every RNG (torch
+            CPU/CUDA, ``random``, NumPy) are left as they were.
+        trial_steps: Most steps taken on the copy (with ``optimizer``); the
+            verdict covers them. The trial stops early once the loss is below a
+            tenth of where it started.
+        trial_batch: Examples per trial step (your training batch size).
 
     Returns:
         The :class:`~gradmedic.findings.Diagnosis`; findings carry ``step=None``.
@@ -110,21 +117,20 @@ def check(
         )
     if trial_steps < 0:
         raise ValueError(f"trial_steps must be >= 0, got {trial_steps}")
+    if trial_batch < 1:
+        raise ValueError(f"trial_batch must be >= 1 (your training batch size), got {trial_batch}")
     with _preserved(model):
         model.train()
-        with (
-            _ModuleTrace(model) as trace,
-            watch(model, activations=True, recurrent=has_recurrent(model), updates=False) as mon,
-        ):
+        # One recorded step of a monitor: its tracer gives the forward order (which
+        # activation follows each layer) and the module that made a NaN/Inf, as watch()'s.
+        with watch(model, activations=True, recurrent=has_recurrent(model), updates=False) as mon:
             output = _call(model, inputs)
             loss = _loss(output, targets, loss_fn)
             loss.backward()
             mon.step(loss=loss)
             rows = mon.history.rows()
             layers = mon.layers
-    context = model_context(model, layers, trace.order)
-    if trace.nonfinite is not None:
-        context["nonfinite_module"] = trace.nonfinite
+    context = model_context(model, layers, mon.forward_order)
     diagnosis = diagnose_rows(rows, config, layers=layers, context=context)
     diagnosis.findings = [dataclasses.replace(f, step=None) for f in diagnosis.findings]
     diagnosis.context["loss"] = float(loss.detach())
@@ -132,7 +138,7 @@ def check(
     if theory is not None:
         diagnosis.context["theory"] = theory
     if optimizer is not None:
-        _judge_step(diagnosis, model, inputs, targets, loss_fn, optimizer, trial_steps)
+        _judge_step(diagnosis, model, inputs, targets, loss_fn, optimizer, trial_steps, trial_batch)
     return diagnosis
 
 
@@ -144,12 +150,46 @@ def _judge_step(
     loss_fn: LossFn | None,
     optimizer: OptimizerLike,
     steps: int,
+    batch: int,
 ) -> None:
-    """Add the step-size judgement (context and finding) to ``diagnosis``."""
-    from gradmedic.step_size import judge_step
+    """Add the step judgement (context and finding) to ``diagnosis``.
+
+    The trial steps descend minibatches of ``batch`` examples drawn from
+    ``inputs``; the curvature and the loss at init are taken on the first
+    ``batch`` examples.
+    """
+    from gradmedic.learnable import linear_headroom
+    from gradmedic.step_size import constant_baseline, judge_step
+    from gradmedic.trial_steps import batch_size_of, minibatches, take
+
+    n = batch_size_of(targets, inputs) or 0
+    if n < 2 or (isinstance(targets, torch.Tensor) and targets.dim() == 0):
+        n = batch = 0  # nothing to draw minibatches from: every step on the whole batch
+    batch = min(batch, n)
+    index = minibatches(n, batch) if n else None
+    first = torch.arange(batch)
+
+    def on(m: nn.Module, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return _loss(_call(m, inputs), targets, loss_fn)
+        return _loss(_call(m, take(inputs, idx, n)), take(targets, idx, n), loss_fn)
+
+    def loss_of(m: nn.Module) -> torch.Tensor:
+        return on(m, first if n else None)
+
+    def step_loss(m: nn.Module, k: int) -> torch.Tensor:
+        return on(m, index(k) if index is not None else None)
 
     judgement = judge_step(
-        model, optimizer, lambda m: _loss(_call(m, inputs), targets, loss_fn), steps=steps
+        model,
+        optimizer,
+        loss_of,
+        steps=steps,
+        step_loss=step_loss,
+        baseline=constant_baseline(targets) if loss_fn is None else float("nan"),
+        headroom=linear_headroom(inputs, targets),
+        batch=batch,
+        examples=n,
     )
     diagnosis.context["step_size"] = judgement.to_dict()
     finding = judgement.finding()
@@ -157,12 +197,14 @@ def _judge_step(
         diagnosis.findings.append(finding)
         diagnosis.findings.sort(key=lambda f: -f.severity.rank)
         ev = finding.evidence
-        diagnosis.suggested.update(  # one lr rule for the whole diagnosis: the measured one
-            lr_factor=ev["lr_factor"],
-            lr=[ev["lr"]],
-            lr_why=f"the largest stable lr {ev['largest_safe_lr']:.3g} for the measured "
-            f"sharpness ({ev['limit_rule']}), with a margin of 2",
-        )
+        factor = ev["lr_factor"]
+        if factor != 1.0:  # one lr rule for the whole diagnosis: the measured one
+            diagnosis.suggested.update(
+                lr_factor=factor,
+                lr=[ev["lr"]],
+                lr_why=f"the largest stable lr {ev['largest_safe_lr']:.3g} for the measured "
+                f"sharpness ({ev['limit_rule']}), with a margin of 2",
+            )
 
 
 @contextmanager
@@ -186,47 +228,6 @@ def _preserved(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-
-
-class _ModuleTrace:
-    """Forward hooks on every module: completion order and the first non-finite output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.order: list[str] = []
-        self.nonfinite: str | None = None
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _ModuleTrace:
-        for name, module in self.model.named_modules():
-            if name:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self.order.append(name)
-            out = first_tensor(output)
-            if (
-                self.nonfinite is None
-                and out is not None
-                and out.is_floating_point()
-                and not bool(torch.isfinite(out).all())
-                and _is_leaf_or_layer(module)
-            ):
-                self.nonfinite = name
-
-        return hook
-
-
-def _is_leaf_or_layer(module: nn.Module) -> bool:
-    return not any(True for _ in module.children()) or any(
-        True for _ in module.parameters(recurse=False)
-    )
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

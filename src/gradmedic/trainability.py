@@ -15,7 +15,7 @@ import copy
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,30 @@ class Cell:
         return self.accuracy[name] >= 0.5
 
 
+def train_cell(
+    depth: int, sw2: float, *, steps: int = 400, sb2: float = 0.05, seed: int = 0
+) -> dict[str, list[tuple[int, float]]]:
+    """Train the cell under each optimizer of :data:`OPTIMIZERS` (batch 64).
+
+    Returns:
+        ``{optimizer: [(step, test accuracy), ...]}``, evaluated every 50 steps and
+        at the end; a run whose loss became non-finite ends with accuracy 0.
+    """
+    from gradmedic.lab.data import digits
+    from gradmedic.lab.train import train
+
+    data = digits(seed)
+    model = tanh_mlp(depth, sw2, sb2, seed=seed)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name, factory in OPTIMIZERS.items():
+        net = copy.deepcopy(model)
+        curves = train(net, data, factory(net.parameters()), steps=steps, seed=seed, eval_every=50)
+        out[name] = list(curves.test_accuracy) + (
+            [(len(curves.loss), 0.0)] if curves.diverged else []
+        )
+    return out
+
+
 def run_cell(
     depth: int,
     sw2: float,
@@ -80,10 +104,14 @@ def run_cell(
     sb2: float = 0.05,
     check_batch: int = 256,
     seed: int = 0,
+    outcomes: Mapping[str, float] | None = None,
 ) -> Cell:
-    """Train the cell under each optimizer of :data:`OPTIMIZERS` and run the predictions."""
+    """The cell's predictions, and its outcome under each optimizer of :data:`OPTIMIZERS`.
+
+    ``outcomes`` (``{optimizer: final test accuracy}``, from :func:`train_cell` of
+    the same cell and seed) skips the training; otherwise the cell is trained.
+    """
     from gradmedic.lab.data import digits
-    from gradmedic.lab.train import train
     from gradmedic.preflight import check
 
     data = digits(seed)
@@ -95,9 +123,10 @@ def run_cell(
         diagnosis = check(model, xb, yb, optimizer=factory)
         cell.check_with[name] = diagnosis.healthy
         cell.step_size[name] = diagnosis.context.get("step_size", {})
-        net = copy.deepcopy(model)
-        curves = train(net, data, factory(net.parameters()), steps=steps, seed=seed)
-        cell.accuracy[name] = 0.0 if curves.diverged else curves.final_accuracy
+    if outcomes is None:
+        curves = train_cell(depth, sw2, steps=steps, sb2=sb2, seed=seed)
+        outcomes = {name: curve[-1][1] for name, curve in curves.items()}
+    cell.accuracy = {name: float(outcomes[name]) for name in OPTIMIZERS}
     return cell
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,13 +112,18 @@ def copy_pair(
             "optimizer must be a torch.optim.Optimizer or a factory params -> Optimizer, got "
             f"{type(optimizer).__name__}"
         )
-    model_copy = copy.deepcopy(model, _hookless_memo(model, None))
+    model_copy = private_copy(model)
     built = optimizer(model_copy.parameters())
     if not isinstance(built, torch.optim.Optimizer):
         raise GradmedicError(
             f"the optimizer factory returned {type(built).__name__}, not a torch.optim.Optimizer"
         )
     return model_copy, built
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its hooks (nothing it runs reaches the user's)."""
+    return copy.deepcopy(model, _hookless_memo(model, None))
 
 
 _MODULE_HOOKS = (
@@ -167,14 +172,20 @@ def trial_steps(
     loss_of: Callable[[nn.Module], torch.Tensor],
     *,
     steps: int = 10,
+    step_loss: Callable[[nn.Module, int], torch.Tensor] | None = None,
+    stop: Callable[[Sequence[float]], bool] | None = None,
 ) -> TrialRun:
-    """Take ``steps`` optimizer steps on copies of ``model`` and ``optimizer``.
+    """Take up to ``steps`` optimizer steps on copies of ``model`` and ``optimizer``.
 
     Args:
         model: The user's model (not changed).
         optimizer: The user's optimizer (not changed) or a factory.
         loss_of: ``loss_of(model_copy) -> scalar``: the loss of the trial batch.
-        steps: How many steps.
+        steps: Most steps.
+        step_loss: ``step_loss(model_copy, k) -> scalar``: the loss step ``k``
+            descends (a minibatch); ``loss_of`` for every step when None.
+        stop: Called with the losses so far after each step; True ends the trial
+            (its verdict is clear).
 
     Returns:
         The :class:`TrialRun`, with the copies after the steps.
@@ -185,15 +196,69 @@ def trial_steps(
         model_copy, opt = copy_pair(model, optimizer)
         run = TrialRun(model=model_copy, optimizer=opt, initial_model=copy.deepcopy(model_copy))
         model_copy.train()
-        for _ in range(steps):
+        for k in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = loss_of(model_copy)
+            loss = loss_of(model_copy) if step_loss is None else step_loss(model_copy, k)
             run.losses.append(float(loss.detach()))
             if not math.isfinite(run.losses[-1]):
                 break
             loss.backward()
             opt.step()
+            if stop is not None and stop(run.losses):
+                break
     return run
+
+
+def minibatches(n: int, size: int, seed: int = 0) -> Callable[[int], torch.Tensor]:
+    """``index(k)``: the example indices of step ``k``, epochs of seeded permutations of ``n``.
+
+    Example:
+        >>> index = minibatches(5, 2)
+        >>> sorted(torch.cat([index(0), index(1)]).tolist()) != sorted(index(2).tolist())
+        True
+    """
+    if n < 1 or size < 1:
+        raise ValueError(f"need n >= 1 examples and a batch size >= 1, got {n} and {size}")
+    size = min(size, n)
+    per_epoch = n // size
+    gen = torch.Generator().manual_seed(seed)
+    epochs: list[torch.Tensor] = []
+
+    def index(k: int) -> torch.Tensor:
+        epoch, pos = divmod(k, per_epoch)
+        while len(epochs) <= epoch:
+            epochs.append(torch.randperm(n, generator=gen))
+        return epochs[epoch][pos * size : (pos + 1) * size]
+
+    return index
+
+
+def batch_size_of(*parts: Any) -> int | None:
+    """The leading size shared by the first tensor found in ``parts`` (None: no tensor)."""
+    for part in parts:
+        if isinstance(part, torch.Tensor) and part.dim() > 0:
+            return int(part.shape[0])
+        if isinstance(part, Mapping):
+            found = batch_size_of(*part.values())
+        elif isinstance(part, list | tuple):
+            found = batch_size_of(*part)
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def take(batch: Any, index: torch.Tensor, n: int) -> Any:
+    """``batch`` with every tensor of leading size ``n`` indexed by ``index`` (others kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index.to(batch.device)] if batch.dim() > 0 and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return {k: take(v, index, n) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        items = [take(v, index, n) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
 
 
 def facts_of(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -5,15 +5,18 @@ budget.steps`` steps besides the original's run; both strategies spend the same.
 The ranked search's screening preflights (one forward and backward pass each,
 no optimizer step) are counted apart, in ``RepairResult.extra["preflights"]``.
 
-**Ranked** (successive halving over :func:`gradmedic.autorepair.plan.ranked_pool`):
+**Ranked** (successive halving, one short rung, over
+:func:`gradmedic.autorepair.plan.ranked_pool`):
 
 1. rung 0: the most promising combinations, each screened by its preflight
    (:func:`gradmedic.check` at initialization: a candidate sick before its first
-   step is not trained), are trained for ``steps / 9`` steps (``/ 3`` with a
-   small budget); the two best that still have findings are extended by the
+   step is not trained), are trained for ``steps / 9`` steps (a warmup
+   compressed by the same factor, so that a short run sees the full run's
+   schedule); the two best that still have findings are extended by the
    cure of what remains ("one was not enough") and join the rung;
-2. each rung keeps the best third (healthy first, then by metric) and trains
-   them three times longer; the last rung trains for the full ``budget.steps``;
+2. the best of them (healthy first, then no critical finding, then the lowest
+   validation loss) train for the full ``budget.steps``: one for a budget of 2
+   runs, two for 3-5, half the budget from 6 on (see ``_Search._plan``);
 3. budget left over trains the next best at full length.
 
 **Random** trains uniformly random compatible combinations of 1-3 catalog
@@ -55,7 +58,7 @@ from gradmedic.autorepair.train import TrainOutcome, build, first_batch, preflig
 from gradmedic.findings import Finding, Remedy
 from gradmedic.optimizer_facts import ADAPTIVE
 
-ETA = 3  # successive halving: keep a third, train three times longer
+SHORT = 9  # a short run is budget.steps / 9 steps: nine cost one full run
 CHILDREN = 2  # rung-0 candidates extended by the cure of their remaining findings
 STRATEGIES = ("ranked", "random")
 
@@ -224,7 +227,13 @@ class _Search:
             if rung is None and self.cached is not None:
                 out = self.cached
             else:
-                out = train(self.setup, remedies, budget=run_budget, seed=self.seed)
+                out = train(
+                    self.setup,
+                    remedies,
+                    budget=run_budget,
+                    seed=self.seed,
+                    horizon=self.budget.steps,
+                )
         except NotApplicable as exc:
             candidate = _inapplicable(index, remedies, exc)
         else:
@@ -310,26 +319,28 @@ class _Search:
     def _plan(self) -> list[tuple[int, int]]:
         """``(steps, runs)`` per rung, the last at full length.
 
-        A budget of 1 run: one full run; 2: 9 runs at ``steps / 9`` and the best
-        at full length; 3: the 2 best of those at full length; from 4 on,
-        ``b = max_candidates // 4`` brackets of 9 runs at ``steps / 9``, 3 at
-        ``steps / 3`` and the best 2 at full length, so that the best of two
-        full runs is kept. The remainder trains the next best at full length.
+        A budget of 1 run: one full run. Otherwise runs of ``steps / 9`` steps and
+        the best of them at full length: 1 full run for a budget of 2, 2 for 3 to
+        5 (the best of two full runs is kept), half the budget from 6 on; the
+        rest of the compute buys 9 short runs per full run. Breadth first: on the
+        repair suite the first of 9 short runs, ranked after ``steps / 9`` steps,
+        reached the bar at full length as often as the better of the first two
+        (17 of 18 searches; docs/repair.md), so compute goes to trying more.
+        The remainder trains the next best at full length.
         """
         steps, mc = self.budget.steps, self.max_candidates
-        short, mid = max(1, steps // ETA**2), max(1, steps // ETA)
         if mc < 2:
             return [(steps, 1)]
-        if mc < 4:
-            return [(short, ETA**2), (steps, mc - 1)]
-        b = mc // 4
-        return [(short, ETA**2 * b), (mid, ETA * b), (steps, 2 * b)]
+        full = 1 if mc == 2 else max(2, mc // 2)
+        return [(max(1, steps // SHORT), SHORT * (mc - full)), (steps, full)]
 
     def _ranked(self, original: Candidate) -> None:
         at_init = preflight(self.setup, seed=self.seed)
         structural = not at_init.healthy
         findings = _findings(original) + list(at_init.findings)
-        pool = ranked_pool(findings, structural, self._adaptive())
+        batch = first_batch(self.setup, self.seed)[0]
+        kinds = {type(m).__name__ for m in build(self.setup, (), batch, self.seed).modules()}
+        pool = ranked_pool(findings, structural, self._adaptive(), kinds, self.budget.steps)
         rungs = self._plan()
         planned = sum(s * n for s, n in rungs)
         extra = max(0, self.total - planned) // self.budget.steps * self.budget.steps
@@ -340,7 +351,7 @@ class _Search:
         for parent in sorted(current, key=self._rank, reverse=True):
             if extend == 0 or parent.healthy:
                 continue
-            child = extension(parent.remedies, _findings(parent), self.tried)
+            child = extension(parent.remedies, _findings(parent), self.tried, self.budget.steps)
             if child is not None and self._affords(length, reserve[0]):
                 extend -= 1
                 if self._screen(child) and (run := self._run(child, length, 0)).trained:

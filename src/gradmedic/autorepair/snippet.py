@@ -1,22 +1,21 @@
 """The accepted remedies as a few lines of code the user can paste.
 
 Each line is a remedy's ``Remedy.call`` (the catalog writes them), placed where
-it belongs in an ordinary training script: model changes after the model is
-built (``model = ...`` for surgery, which returns a new module), optimizer
-changes after the optimizer is built, and clipping between ``loss.backward()``
+its kind (:meth:`gradmedic.remedies.base.RemedyKind.lines`) says it belongs in an
+ordinary training script: model changes after the model is built (``model = ...``
+for surgery, which returns a new module), optimizer changes after the optimizer is
+built, objects the loop uses before it, and clipping between ``loss.backward()``
 and ``optimizer.step()``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from gradmedic.autorepair.appliers import applier_for, order
+from gradmedic.autorepair.appliers import order
 from gradmedic.findings import Remedy
-
-# ``clipper = gradmedic.AutoClip(...)``: an object built once, before the loop
-_CONSTRUCTS = re.compile(r"^\w+\s*=\s*gradmedic\.[A-Z]\w*\(")
+from gradmedic.remedies.base import SECTIONS
+from gradmedic.remedies.registry import kind_of
 
 _HEADERS = {
     "model": "# after building the model (before creating the optimizer):",
@@ -41,17 +40,10 @@ def snippet(remedies: Sequence[Remedy]) -> str:
     """
     if not remedies:
         return "# no repair needed"
-    sections: dict[str, list[str]] = {"model": [], "optimizer": [], "setup": [], "loop": []}
+    sections: dict[str, list[str]] = {name: [] for name in SECTIONS}
     for remedy in order(remedies):
-        applier = applier_for(remedy)
-        for statement in _statements(remedy.call):
-            if applier.where == "loop" and _CONSTRUCTS.match(statement):
-                # an object the loop uses (e.g. an AutoClip instance) is created once, before
-                sections["setup"].append(statement)
-            elif applier.assigns and not statement.startswith("model ="):
-                sections[applier.where].append(f"model = {statement}")
-            else:
-                sections[applier.where].append(statement)
+        for where, statement in kind_of(remedy).lines(remedy):
+            sections[where].append(statement)
     imports = ["import gradmedic"]
     body = "\n".join(sections["model"] + sections["optimizer"] + sections["setup"])
     if "nn." in body:
@@ -67,10 +59,3 @@ def snippet(remedies: Sequence[Remedy]) -> str:
     if sections["loop"]:
         blocks.append("\n".join([_HEADERS["loop"], *sections["loop"]]))
     return "\n\n".join(blocks)
-
-
-def _statements(call: str) -> list[str]:
-    """Split ``"a = f(); a(x)"`` into statements (a ``for ...:`` line stays whole)."""
-    if call.lstrip().startswith("for "):
-        return [call.strip()]
-    return [part.strip() for part in call.split("; ") if part.strip()]

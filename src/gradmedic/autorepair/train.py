@@ -157,7 +157,12 @@ def evaluate(setup: Setup, model: nn.Module) -> tuple[float, float]:
 
 
 def train(
-    setup: Setup, remedies: Sequence[Remedy] = (), *, budget: Budget, seed: int = 0
+    setup: Setup,
+    remedies: Sequence[Remedy] = (),
+    *,
+    budget: Budget,
+    seed: int = 0,
+    horizon: int | None = None,
 ) -> TrainOutcome:
     """Train ``setup`` with ``remedies`` applied, for ``budget.steps`` steps, under a monitor.
 
@@ -170,6 +175,9 @@ def train(
         remedies: Remedies to apply (model remedies first, then training settings).
         budget: Steps and wall-time cap.
         seed: Random seed.
+        horizon: The length of run the remedies' schedules are sized for; a shorter
+            run compresses its warmup by ``budget.steps / horizon``, so a short run of
+            successive halving sees the schedule of the full run, scaled.
 
     Returns:
         The trained model, its diagnosis, validation loss and metric.
@@ -188,6 +196,8 @@ def train(
     scheduler = None
     if settings.warmup is not None:
         start_factor, warm = settings.warmup
+        if horizon is not None and budget.steps < horizon:
+            warm = max(1, round(warm * budget.steps / horizon))
         scheduler = torch.optim.lr_scheduler.LinearLR(
             optimizer, start_factor=start_factor, total_iters=warm
         )

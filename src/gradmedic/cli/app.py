@@ -29,6 +29,7 @@ COMMANDS = (
     "gradmedic.cli.fix",
     "gradmedic.cli.report",
     "gradmedic.cli.run",
+    "gradmedic.cli.remedies",
 )
 
 

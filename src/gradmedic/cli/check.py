@@ -104,14 +104,21 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--optimizer",
-                help="sgd, adam or adamw: also judge the step size (curvature vs stability "
-                "limit, a few trial steps on a copy).",
+                help="sgd, adam or adamw: also judge the training (trial steps on a copy, "
+                "curvature vs the stability limit).",
             ),
         ] = None,
         lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
         momentum: Annotated[
             float | None, typer.Option("--momentum", help="SGD momentum, in [0, 1).")
         ] = None,
+        trial_steps: Annotated[
+            int, typer.Option("--trial-steps", help="Most trial steps (with --optimizer).")
+        ] = 300,
+        trial_batch: Annotated[
+            int,
+            typer.Option("--trial-batch", help="Examples per trial step: your batch size."),
+        ] = 64,
         as_json: Annotated[
             bool, typer.Option("--json", help="Print the diagnosis as JSON.")
         ] = False,
@@ -137,7 +144,14 @@ def register(app: typer.Typer) -> None:
                     "return (model, inputs) from the factory"
                 )
             with loaded.user_code(inputs=inputs):
-                diagnosis = check(loaded.model, inputs, targets, optimizer=factory)
+                diagnosis = check(
+                    loaded.model,
+                    inputs,
+                    targets,
+                    optimizer=factory,
+                    trial_steps=trial_steps,
+                    trial_batch=trial_batch,
+                )
         if as_json:
             typer.echo(diagnosis.to_json())
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -41,6 +42,16 @@ def lab(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of every experiment.")] = 0,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Experiments run at once, one process each (default: one per core, at most 4).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Reproduce every claim of the source material and write an HTML report.
 
@@ -50,7 +61,7 @@ def lab(
     """
     from gradmedic.lab import data, runner
     from gradmedic.lab.base import LabConfig, Verdict
-    from gradmedic.report.html import write_report
+    from gradmedic.report.html import previous_seconds, write_report
 
     console = Console()
     with user_errors():
@@ -62,6 +73,8 @@ def lab(
             data.mnist(mnist)  # fail now, not in the middle of the run
         check_writable(out)  # and not after it
         config = LabConfig(quick=quick, seed=seed, mnist_dir=None if mnist is None else str(mnist))
+        n_jobs = runner.default_jobs() if jobs is None else jobs
+        parallel = n_jobs > 1 and len(chosen) > 1
         columns = (
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
@@ -69,11 +82,16 @@ def lab(
             TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(),
         )
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("starting", total=len(chosen))
+        # No refresh thread while worker processes fork: the display updates as results come.
+        with Progress(
+            *columns, console=console, transient=True, auto_refresh=not parallel
+        ) as progress:
+            first = f"running {len(chosen)}, {n_jobs} at a time" if parallel else "starting"
+            task = progress.add_task(first, total=len(chosen))
 
             def started(exp: Experiment) -> None:
-                progress.update(task, description=f"running [bold]{exp.name}[/]")
+                if not parallel:
+                    progress.update(task, description=f"running [bold]{exp.name}[/]")
 
             def done(result: Result) -> None:
                 v = result.verdict.value
@@ -82,10 +100,20 @@ def lab(
                     f"  {result.name:<28} [{style}]{v}[/] ({result.seconds:.1f} s)", highlight=False
                 )
                 progress.advance(task)
+                progress.refresh()
 
-            results = runner.run(names, config, on_start=started, on_done=done)
+            start = time.perf_counter()
+            results = runner.run(
+                names,
+                config,
+                jobs=n_jobs,
+                durations=previous_seconds(out, config),  # longest first, as last time
+                on_start=started,
+                on_done=done,
+            )
         index = write_report(results, out, config=config)
-    _print_summary(console, results)
+        wall = time.perf_counter() - start
+    _print_summary(console, results, wall, n_jobs if parallel else 1)
     console.print(
         f"report: [bold]{index}[/]  (numbers: {index.parent / 'results.json'})", highlight=False
     )
@@ -141,7 +169,7 @@ def _print_list(console: Console, experiments: list[Experiment]) -> None:
     console.print(table)
 
 
-def _print_summary(console: Console, results: list[Result]) -> None:
+def _print_summary(console: Console, results: list[Result], wall: float, jobs: int) -> None:
     table = Table(title="gradmedic lab")
     table.add_column("experiment")
     table.add_column("claims")
@@ -159,7 +187,11 @@ def _print_summary(console: Console, results: list[Result]) -> None:
     from gradmedic.report.html import verdict_counts
 
     tally = ", ".join(f"{n} {v}" for v, n in verdict_counts(results))
-    console.print(f"{len(results)} experiments in {total:.1f} s: {tally}", highlight=False)
+    console.print(
+        f"{len(results)} experiments: {tally}; {wall:.1f} s with the report "
+        f"({total:.1f} s in experiments, {jobs} at a time)",
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -53,16 +53,9 @@ def register(app: typer.Typer) -> None:
             int,
             typer.Option(min=1, help="Measure update ratios on one recorded step in this many."),
         ] = 10,
-        activations: Annotated[
-            int, typer.Option(min=0, help="Dead/saturated units on one step in this many (0: off).")
-        ] = 20,
-        recurrent: Annotated[
-            int,
-            typer.Option(min=0, help="Gradient through time on one step in this many (0: off)."),
-        ] = 20,
-        spectra: Annotated[
-            int, typer.Option(min=0, help="Weight spectra on one step in this many (0: off).")
-        ] = 0,
+        activations: Annotated[int, _sampled("Dead/saturated units")] = 20,
+        recurrent: Annotated[int, _sampled("Gradient through time")] = 20,
+        spectra: Annotated[int, _sampled("Weight spectra")] = 0,
         tensorboard: Annotated[
             Path | None, typer.Option(help="Also log to TensorBoard in this folder.")
         ] = None,
@@ -78,6 +71,7 @@ def register(app: typer.Typer) -> None:
             if not script.is_file():
                 raise ValueError(f"no script at {script}; give the path of a Python file")
             out.mkdir(parents=True, exist_ok=True)
+        sampled = {"activations": activations, "recurrent": recurrent, "spectra": spectra}
         code = run_script(
             script,
             list(args or []),
@@ -87,13 +81,23 @@ def register(app: typer.Typer) -> None:
             tensorboard=tensorboard,
             per_layer=per_layer,
             fail_on_findings=fail_on_findings,
-            every=every,
-            update_every=update_every,
-            activations=activations or False,
-            recurrent=recurrent or False,
-            spectra=spectra or False,
+            **_watch_options(every, update_every, sampled),
         )
         raise typer.Exit(code=code)
+
+
+def _sampled(what: str) -> Any:
+    """The option of a probe that samples one step in N (``0``: the probe is off)."""
+    return typer.Option(min=0, help=f"{what} on one step in this many (0: off).")
+
+
+def _watch_options(every: int, update_every: int, sampled: dict[str, int]) -> dict[str, Any]:
+    """``watch()`` options from the command line's: a sampling of 0 turns its probe off."""
+    return {
+        "every": every,
+        "update_every": update_every,
+        **{k: v or False for k, v in sampled.items()},
+    }
 
 
 def run_script(

@@ -59,6 +59,11 @@ class DiagnosisConfig:
             their incoming weights barely learn (K3). Measured: Xavier-tanh
             (gain 5/3) at most 0.29 in any layer; tanh/sigmoid with N(0, 1)
             weights 0.72-0.94.
+        saturation_critical: A saturation finding is critical when the saturated
+            fraction (mean over the modules, or the episode's peak) reaches this:
+            nine evaluations in ten then pass under 5% of the gradient, and the
+            tanh/sigmoid nets with N(0, 1) weights that measured 0.72-0.94 stall
+            from their first steps at the upper end.
         saturation_slope: The "near zero slope" rule above: 5% of the
             activation's maximal slope (tanh: |x| > 3.0, sigmoid: |x| > 4.4).
             Records hold the fraction under the rules 1%, 2%, 5%, 10% and 20%
@@ -127,6 +132,8 @@ class DiagnosisConfig:
             1.0 (the usual starting point: PyTorch's examples use 0.25-1,
             Hugging Face's Trainer 1.0) when there is no finite record
             before the first bad one.
+        clip_fallback: That starting point: the clip threshold when no finite
+            gradient norm was recorded before the first bad record.
         lr_factor_bounds: The suggested learning-rate factor stays in
             ``[low, high]``: a practitioner lowers by 2x-100x at a time and
             re-measures; a factor outside says the measurement was wrong
@@ -147,29 +154,39 @@ class DiagnosisConfig:
             work without it.
     """
 
+    # depth profiles (vanishing, exploding)
     vanishing_gain: float = 1e-3
     exploding_gain: float = 1e3
     severe_gain_decades: float = 6.0
+    # units (dead, saturated)
     dead_fraction: float = 0.7
     dead_critical: float = 0.95
     saturation_fraction: float = 0.5
     saturation_slope: float = 0.05
+    # update sizes (unstable updates)
     update_ratio_spike: float = 1.0
     update_ratio_sustained: float = 0.3
     update_window: int = 5
+    # every detector: the records a verdict is taken on; what counts as geometric
     window: int = 5
     geometric_r2: float = 0.5
     update_ratio_healthy: float = 1e-2
+    # the loss (divergence) and the global norm (blow-ups)
     loss_window: int = 3
     loss_rise: float = 3.0
     loss_undo: float = 0.5
     blowup: float = 100.0
+    # the suggested clip threshold and learning-rate factor
     clip_percentile: float = 90.0
     clip_bounds: tuple[float, float] = (1e-3, 1e3)
     lr_factor_bounds: tuple[float, float] = (0.01, 0.5)
+    # steps too small to learn in
     update_ratio_small: float = 1e-4
     small_steps_loss: float = 0.9
     lr_raise_bounds: tuple[float, float] = (3.0, 100.0)
+    # added later, kept last so positional arguments keep their meaning
+    saturation_critical: float = 0.9
+    clip_fallback: float = 1.0
     context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,7 +194,8 @@ class DiagnosisConfig:
             raise ValueError(f"vanishing_gain must be in (0, 1), got {self.vanishing_gain}")
         if self.exploding_gain <= 1:
             raise ValueError(f"exploding_gain must be > 1, got {self.exploding_gain}")
-        for name in ("dead_fraction", "dead_critical", "saturation_fraction", "saturation_slope"):
+        units = ("dead_fraction", "dead_critical", "saturation_fraction", "saturation_critical")
+        for name in (*units, "saturation_slope"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -185,6 +203,8 @@ class DiagnosisConfig:
             raise ValueError(f"geometric_r2 must be in [0, 1], got {self.geometric_r2}")
         if self.loss_rise <= 1 or self.blowup <= 1:
             raise ValueError("loss_rise and blowup must be > 1")
+        if not self.clip_fallback > 0:
+            raise ValueError(f"clip_fallback must be > 0, got {self.clip_fallback}")
         if not 0 < self.clip_percentile <= 100:
             raise ValueError(f"clip_percentile must be in (0, 100], got {self.clip_percentile}")
         if not 0 < self.update_ratio_small < self.update_ratio_healthy:

@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
-from gradmedic.diagnose.episodes import Point, episode, larger, row_step
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import lower_lr, setup_of
 from gradmedic.diagnose.suggest import suggested
-from gradmedic.diagnose.units import dead_in, pct, unit_series
+from gradmedic.diagnose.units import dead_in, pct, unit_episode, why_unchecked
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
@@ -37,20 +36,17 @@ def remedies(kind: str, trained: bool, lr: Remedy | None = None) -> list[Remedy]
 @register(
     Problem.DEAD_UNITS,
     needs=("activations",),
-    why="no `activations` key: dead units not checked (no activation module such as nn.ReLU ran "
-    "with gradients, e.g. functional torch.relu only or inside a torch.compile graph, or "
-    "watch(..., activations=False))",
+    why=why_unchecked("dead units"),
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Modules with at least ``dead_fraction`` of their units dead, over the run."""
-    series = unit_series(rows, config.window)
-    judged = [(i, dead_in(stats, config.dead_fraction)) for i, stats in series]
-    points = [
-        Point(i, row_step(rows[i], i), bool(d),
-              max((s["dead_fraction"] for s in d.values()), default=0.0))
-        for i, d in judged
-    ]  # fmt: skip
-    ep = episode(points, larger, "dead_fraction")
+    judged, ep = unit_episode(
+        rows,
+        config.window,
+        lambda stats: dead_in(stats, config.dead_fraction),
+        lambda d: max(s["dead_fraction"] for s in d.values()),
+        "dead_fraction",
+    )
     if ep is None:
         return []
     dead = next(d for i, d in reversed(judged) if d)

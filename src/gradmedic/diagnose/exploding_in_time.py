@@ -20,8 +20,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.episodes import Point, episode, larger
-from gradmedic.diagnose.in_time import TimeFit, explodes, fit_series
+from gradmedic.diagnose.in_time import NO_RECURRENT, TimeFit, explodes, module_series
 from gradmedic.diagnose.profile import sci
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import setup_of, tailored
@@ -32,7 +33,7 @@ from gradmedic.remedies import catalog
 
 
 def remedies(
-    fit: TimeFit, rows: Sequence[Mapping[str, Any]], limit: float, config: Any = None
+    fit: TimeFit, rows: Sequence[Mapping[str, Any]], limit: float, config: DiagnosisConfig
 ) -> list[Remedy]:
     """Ranked cures: clip first (it works on any model), then remove the cause."""
     s = suggested(rows, config)
@@ -95,17 +96,14 @@ def explain(fit: TimeFit, limit: float) -> str:
 @register(
     Problem.EXPLODING_IN_TIME,
     needs=("recurrent",),
-    why="no `recurrent` key: gradient over time not checked (no nn.RNN/LSTM/GRU ran with "
-    "gradients outside a torch.compile graph, or watch(..., recurrent=False))",
+    why=NO_RECURRENT,
 )
-def detect(rows: Sequence[Mapping[str, Any]], config: Any) -> list[Finding]:
+def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """One finding per recurrent module whose gradient grows back through the sequence."""
-    limit = float(getattr(config, "exploding_gain", 1e3))
-    severe = 10.0 ** float(getattr(config, "severe_gain_decades", 6.0))
-    single = fit_series(rows, config, 1)
+    limit = config.exploding_gain
+    severe = 10.0**config.severe_gain_decades
     findings = []
-    for module, series in fit_series(rows, config).items():
-        alone = {p.index: p for p in single.get(module, [])}
+    for module, series, alone in module_series(rows, config):
         last = max(alone) if alone else -1
         if not any(nonfinite_row(r) for r in rows[last + 1 :]):
             last = -1

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.profile import Rows, positive
 
 GAMMA = {"tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
@@ -230,7 +231,30 @@ class TimePoint:
     fits: tuple[TimeFit, ...]
 
 
-def fit_series(rows: Rows, config: Any, window: int | None = None) -> dict[str, list[TimePoint]]:
+NO_RECURRENT = (
+    "no `recurrent` key: gradient over time not checked (no nn.RNN/LSTM/GRU ran with "
+    "gradients outside a torch.compile graph, or watch(..., recurrent=False))"
+)
+"""Why the in-time detectors did not run."""
+
+
+def module_series(
+    rows: Rows, config: DiagnosisConfig
+) -> list[tuple[str, list[TimePoint], dict[int, TimePoint]]]:
+    """Per recurrent module: its fits at each record, and each record's own, by row index.
+
+    The first fits use the trailing ``config.window`` records; the second that record alone.
+    """
+    single = fit_series(rows, config, 1)
+    return [
+        (module, series, {p.index: p for p in single.get(module, [])})
+        for module, series in fit_series(rows, config).items()
+    ]
+
+
+def fit_series(
+    rows: Rows, config: DiagnosisConfig, window: int | None = None
+) -> dict[str, list[TimePoint]]:
     """For every recurrent module, its stream fits at every record that holds it.
 
     Record ``k``'s fits use the last ``window`` usable entries up to ``k`` of
@@ -239,8 +263,8 @@ def fit_series(rows: Rows, config: Any, window: int | None = None) -> dict[str, 
     non-finite detector's and are skipped (inf, an overflow, stays).
     """
     if window is None:
-        window = int(getattr(config, "window", 5))
-    vanish_ratio = float(getattr(config, "vanishing_gain", 1e-3))
+        window = config.window
+    vanish_ratio = config.vanishing_gain
     seen: dict[str, list[Mapping[str, Any]]] = {}
     out: dict[str, list[TimePoint]] = {}
     for i, row in enumerate(rows):

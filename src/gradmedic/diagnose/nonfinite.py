@@ -4,8 +4,10 @@ The monitor records ``nonfinite_origin = {layer, where, step}``: the first
 layer (with parameters) in forward order whose output is non-finite, else the
 first in backward order whose delta is, else the first gradient. A NaN made
 by a parameterless module (``log`` of a negative, ``0/0``) shows up at the
-next layer with parameters; the modules run in between, from the context's
-``forward_order``, are named as the suspects.
+next layer with parameters; on the monitor's first recorded step (``check()``'s
+only one) its forward tracer names that module exactly (the record's ``nonfinite_module``),
+otherwise the modules run in between, from the context's ``forward_order``, are
+named as the suspects.
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ _WHERE: dict[str | None, str] = {
 }
 
 
-def suspects(origin: str, context: Mapping[str, Any]) -> list[str]:
-    """Parameterless modules run between the previous layer and ``origin`` (forward order)."""
-    exact = context.get("nonfinite_module")
+def suspects(origin: str, context: Mapping[str, Any], exact: str | None = None) -> list[str]:
+    """Parameterless modules run between the previous layer and ``origin`` (forward order).
+
+    ``exact``: the module the forward tracer saw output the first NaN/Inf, when it
+    traced that step; then it alone is named (none when it is ``origin`` itself).
+    """
     if exact:
         return [exact] if exact != origin else []
     order = list(context.get("forward_order") or [])
@@ -73,7 +78,8 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     origin, row = found
     layer, where, step = origin.get("layer"), origin.get("where"), origin.get("step")
     step = step if step is not None else row.get("step")
-    named = suspects(layer, config.context) if layer and where == "forward" else []
+    exact = row.get("nonfinite_module")
+    named = suspects(layer, config.context, exact) if layer and where == "forward" else []
     if layer is None:
         text = f"The loss became {row.get('loss')} at step {step} while no layer's values did."
     else:

@@ -12,9 +12,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.diagnose.config import DiagnosisConfig
-from gradmedic.diagnose.episodes import Point, episode, larger, row_step
 from gradmedic.diagnose.registry import register
-from gradmedic.diagnose.units import pct, saturated_in, unit_series, with_slope_rule
+from gradmedic.diagnose.units import (
+    pct,
+    saturated_in,
+    unit_episode,
+    why_unchecked,
+    with_slope_rule,
+)
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
 
@@ -31,23 +36,18 @@ def remedies(kind: str) -> list[Remedy]:
 @register(
     Problem.SATURATION,
     needs=("activations",),
-    why="no `activations` key: saturated units not checked (no activation module such as "
-    "nn.ReLU ran with gradients, e.g. functional torch.relu only or "
-    "inside a torch.compile graph, or watch(..., activations=False))",
+    why=why_unchecked("saturated units"),
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """Bounded activations with ``saturation_fraction`` of near-zero slopes, over the run."""
     rows = with_slope_rule(rows, config.saturation_slope)
-    judged = [
-        (i, saturated_in(stats, config.saturation_fraction))
-        for i, stats in unit_series(rows, config.window)
-    ]
-    points = [
-        Point(i, row_step(rows[i], i), bool(h),
-              statistics.fmean(s["saturated_fraction"] for s in h.values()) if h else 0.0)
-        for i, h in judged
-    ]  # fmt: skip
-    ep = episode(points, larger, "mean_saturated_fraction")
+    judged, ep = unit_episode(
+        rows,
+        config.window,
+        lambda stats: saturated_in(stats, config.saturation_fraction),
+        lambda h: statistics.fmean(s["saturated_fraction"] for s in h.values()),
+        "mean_saturated_fraction",
+    )
     if ep is None:
         return []
     hit = next(h for _, h in reversed(judged) if h)
@@ -73,7 +73,7 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
         Finding(
             problem=Problem.SATURATION,
             severity=Severity.CRITICAL
-            if max(mean, ep.peak_value or 0.0) >= 0.9
+            if max(mean, ep.peak_value or 0.0) >= config.saturation_critical
             else Severity.WARNING,
             layers=list(hit),
             evidence={

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.findings import Remedy
 from gradmedic.optimizer_facts import ADAPTIVE
 from gradmedic.remedies import catalog
@@ -52,9 +53,9 @@ class Setup:
         return self.optimizer_known and self.optimizer is None
 
 
-def setup_of(config: Any) -> Setup:
+def setup_of(config: DiagnosisConfig) -> Setup:
     """The :class:`Setup` described by ``config.context``."""
-    context: Mapping[str, Any] = getattr(config, "context", None) or {}
+    context: Mapping[str, Any] = config.context
     struct = context.get("structure") or {}
 
     def names(key: str) -> tuple[str, ...]:

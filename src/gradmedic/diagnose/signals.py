@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.episodes import row_step
 
 Rows = Sequence[Mapping[str, Any]]
@@ -197,15 +198,13 @@ class LossPoint:
     rising: bool
 
 
-def loss_points(rows: Rows, config: Any) -> list[LossPoint]:
+def loss_points(rows: Rows, config: DiagnosisConfig) -> list[LossPoint]:
     """The smoothed-loss rule at every record with a loss (``[]`` if a loss is <= 0).
 
     A non-finite loss right after a rising record continues the rise (ratio
     inf); one after a calm record is the non-finite detector's alone.
     """
-    window = int(getattr(config, "loss_window", 3))
-    rise = float(getattr(config, "loss_rise", 3.0))
-    undo = float(getattr(config, "loss_undo", 0.5))
+    window, rise, undo = config.loss_window, config.loss_rise, config.loss_undo
     series = [
         (i, row_step(r, i), v) for i, r in enumerate(rows) if (v := _num(r.get("loss"))) is not None
     ]

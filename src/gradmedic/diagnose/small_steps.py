@@ -4,8 +4,8 @@ The mirror of :mod:`gradmedic.diagnose.unstable_updates`. Healthy training moves
 each layer by about 1e-3..1e-2 of its norm per step (``||dw|| / ||w||``); a
 learning rate far too small moves even the fastest layer by less than a
 hundredth of that, and the loss stays where it started. Both must hold: the
-median over the records of the largest per-layer ratio is below
-``update_ratio_small`` (1e-4) *and* the loss fell by at most 10% (the last
+fastest layer's ratio (each layer's median over the records that measured it)
+is below ``update_ratio_small`` (1e-4) *and* the loss fell by at most 10% (the last
 tenth of the records over the first tenth, ``small_steps_loss``), so a run that
 learns with small but sufficient steps is not a finding. When the gradient
 vanishes through depth the steps are small because the gradient is: that is the
@@ -28,7 +28,7 @@ from typing import Any
 from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import adaptive_optimizer, setup_of
-from gradmedic.diagnose.signals import ratio_points
+from gradmedic.diagnose.signals import RatioPoint, ratio_points
 from gradmedic.diagnose.suggest import lr_at
 from gradmedic.diagnose.vanishing import detect as vanishing
 from gradmedic.findings import Finding, Problem, Severity
@@ -39,7 +39,7 @@ Rows = Sequence[Mapping[str, Any]]
 MIN_RECORDS = 5  # one preflight step says nothing about the step size of a run
 LADDER = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
-__all__ = ["detect", "loss_fall", "raise_factor"]
+__all__ = ["detect", "fastest", "loss_fall", "raise_factor"]
 
 
 def raise_factor(ratio: float, target: float, bounds: tuple[float, float] = (3.0, 100.0)) -> float:
@@ -55,6 +55,28 @@ def raise_factor(ratio: float, target: float, bounds: tuple[float, float] = (3.0
     wanted = target / ratio
     factor = max((f for f in LADDER if f <= wanted * (1 + 1e-9)), default=low)
     return float(min(high, max(low, factor)))
+
+
+def fastest(points: Sequence[RatioPoint]) -> tuple[str, float]:
+    """The layer whose median update ratio is largest, and that median.
+
+    Each layer's median is over the records that measured it: the updates probe
+    may measure the layers in turn, one group per record, so the largest ratio
+    *of a record* would depend on which group it held.
+
+    Example:
+        >>> from gradmedic.diagnose.signals import RatioPoint
+        >>> pts = [RatioPoint(i, i, "b", v, {"a": 1e-5, "b": v}) for i, v in enumerate([1, 3, 2])]
+        >>> fastest(pts)
+        ('b', 2)
+    """
+    seen: dict[str, list[float]] = {}
+    for p in points:
+        for name, value in p.ratios.items():
+            if math.isfinite(value):
+                seen.setdefault(name, []).append(value)
+    medians = {name: statistics.median(values) for name, values in seen.items()}
+    return max(medians.items(), key=lambda kv: kv[1])
 
 
 def loss_fall(rows: Rows) -> float | None:
@@ -83,7 +105,7 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     points = [p for p in ratio_points(rows) if math.isfinite(p.value)]
     if len(points) < MIN_RECORDS:
         return []
-    median = statistics.median(p.value for p in points)
+    layer, median = fastest(points)
     if median >= config.update_ratio_small:
         return []
     fall = loss_fall(rows)
@@ -95,12 +117,11 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     factor = raise_factor(median, target, config.lr_raise_bounds)
     setup = setup_of(config)
     lr = list(setup.lr) or _lr(rows)
-    layer = max(points, key=lambda p: p.value).layer
     text = (
-        f"The largest per-layer update ratio ||dw||/||w|| had a median of {median:.2g} over "
-        f"{len(points)} records, below {config.update_ratio_small:g} (healthy training moves "
-        f"weights by 1e-3..1e-2 of their norm per step), and the loss ended at {fall:.3g}x its "
-        "start: the steps are too small to learn in."
+        f"The fastest layer's update ratio ||dw||/||w|| ({layer!r}) had a median of "
+        f"{median:.2g} over {len(points)} records, below {config.update_ratio_small:g} "
+        "(healthy training moves weights by 1e-3..1e-2 of their norm per step), and the loss "
+        f"ended at {fall:.3g}x its start: the steps are too small to learn in."
     )
     why = (
         f"brings the median largest update ratio {median:.2g} toward {target:.2g} "

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.episodes import row_step
 from gradmedic.diagnose.in_time import explodes, fit_series
 from gradmedic.diagnose.profile import gain_series, sci
@@ -47,8 +48,6 @@ from gradmedic.diagnose.signals import (
 )
 
 Rows = Sequence[Mapping[str, Any]]
-
-CONVENTIONAL_CLIP = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,14 +91,14 @@ class Suggestion:
         return [v * self.lr_factor for v in self.lr] if self.lr else None
 
 
-def first_bad(rows: Rows, config: Any) -> tuple[int, str] | None:
+def first_bad(rows: Rows, config: DiagnosisConfig) -> tuple[int, str] | None:
     """Row index and reason of the first bad record (see the module docstring)."""
     hits: list[tuple[int, str]] = []
     for i, row in enumerate(rows):
         if nonfinite_row(row):
             hits.append((i, "non-finite values"))
             break
-    blowup = float(getattr(config, "blowup", 100.0))
+    blowup = config.blowup
     earlier: list[float] = []
     for i, row in enumerate(rows):
         v = grad_norm(row)
@@ -112,9 +111,8 @@ def first_bad(rows: Rows, config: Any) -> tuple[int, str] | None:
     rising = next((p for p in loss_points(rows, config) if p.rising), None)
     if rising is not None:
         hits.append((rising.index, f"loss risen {rising.ratio:.3g}x over its low"))
-    limit = float(getattr(config, "exploding_gain", 1e3))
-    r2 = float(getattr(config, "geometric_r2", 0.5))
-    layers = (getattr(config, "context", None) or {}).get("layers")
+    limit, r2 = config.exploding_gain, config.geometric_r2
+    layers = config.context.get("layers")
     depth = next(
         (p for p in gain_series(rows, 1, layers) if p.total_gain > limit and p.r2 >= r2), None
     )
@@ -124,8 +122,7 @@ def first_bad(rows: Rows, config: Any) -> tuple[int, str] | None:
         hit = next((p for p in points if any(explodes(f, limit) for f in p.fits)), None)
         if hit is not None:
             hits.append((hit.index, "gradient exploding through time"))
-    spike = float(getattr(config, "update_ratio_spike", 1.0))
-    jump = next((p for p in ratio_points(rows) if p.value >= spike), None)
+    jump = next((p for p in ratio_points(rows) if p.value >= config.update_ratio_spike), None)
     if jump is not None:
         hits.append((jump.index, f"update ratio {jump.value:.3g} in layer {jump.layer!r}"))
     return min(hits, key=lambda h: h[0]) if hits else None
@@ -147,7 +144,7 @@ def lr_factor(
     return float(min(high, max(low, factor)))
 
 
-def suggest(rows: Rows, config: Any) -> Suggestion:
+def suggest(rows: Rows, config: DiagnosisConfig) -> Suggestion:
     """The clip threshold and learning-rate factor of this run (module docstring)."""
     bad = first_bad(rows, config)
     end = bad[0] if bad is not None else len(rows)
@@ -157,8 +154,8 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
     norms = [(row_step(r, i), v) for i, r in enumerate(before)
              if (v := grad_norm(r)) is not None and math.isfinite(v) and v > 0]  # fmt: skip
     have = existing_clip(rows)
-    lo, hi = getattr(config, "clip_bounds", (1e-3, 1e3))
-    pct = float(getattr(config, "clip_percentile", 90.0))
+    lo, hi = config.clip_bounds
+    pct = config.clip_percentile
     if norms:
         values = np.array([v for _, v in norms])
         typical = float(np.median(values))
@@ -173,11 +170,11 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
             why += f", clamped to [{lo:g}, {hi:g}] x median"
         baseline = (norms[0][0], norms[-1][0])
     else:
-        clip, baseline = CONVENTIONAL_CLIP, None
+        clip, baseline = config.clip_fallback, None
         why = (
             "no finite gradient norm was recorded before the first bad record"
             + (f" (step {bad_step})" if bad_step is not None else "")
-            + "; 1.0 is the usual starting point"
+            + f"; {clip:g} is the usual starting point"
         )
     if have is not None and clip >= have * (1 - 1e-6):
         why = (
@@ -188,8 +185,7 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
     else:
         clip_out = clip
     # ---- learning-rate factor
-    healthy = float(getattr(config, "update_ratio_healthy", 1e-2))
-    bounds = tuple(getattr(config, "lr_factor_bounds", (0.01, 0.5)))
+    healthy, bounds = config.update_ratio_healthy, config.lr_factor_bounds
     points = ratio_points(rows)
     pre = [p.value for p in points if p.index < end and math.isfinite(p.value)]
     at_bad = next((p for p in points if p.index == end and math.isfinite(p.value)), None)
@@ -222,7 +218,7 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
         )
     lr = lr_at(rows, min(end, len(rows) - 1)) if rows else None
     if lr is None:
-        opt = (getattr(config, "context", None) or {}).get("optimizer")
+        opt = config.context.get("optimizer")
         if isinstance(opt, Mapping) and isinstance(opt.get("lr"), list | tuple):
             lr = [float(v) for v in opt["lr"]]
     return Suggestion(
@@ -240,13 +236,12 @@ def suggest(rows: Rows, config: Any) -> Suggestion:
     )
 
 
-def suggested(rows: Rows, config: Any) -> Suggestion:
+def suggested(rows: Rows, config: DiagnosisConfig) -> Suggestion:
     """The diagnosis' suggestion.
 
     Computed once by ``diagnose_rows`` (``config.context["suggested"]``), else now.
     """
-    context = getattr(config, "context", None) or {}
-    found = context.get("suggested")
+    found = config.context.get("suggested")
     if isinstance(found, Suggestion):
         return found
     return suggest(rows, config)

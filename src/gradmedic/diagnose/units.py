@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from gradmedic.diagnose.episodes import Episode, Point, episode, larger, row_step
 from gradmedic.diagnose.profile import recent
 from gradmedic.probes.activations import SATURATING, SATURATION_SLOPE, SLOPE_GRID
 
@@ -37,6 +38,34 @@ def unit_series(
         chosen = [r for _, r in indexed[max(0, k - window + 1) : k + 1]]
         out.append((indexed[k][0], _median_stats(chosen)))
     return out
+
+
+def why_unchecked(what: str) -> str:
+    """Why ``what`` (dead units, saturated units) was not checked: no activation statistics."""
+    return (
+        f"no `activations` key: {what} not checked (no activation module such as nn.ReLU ran "
+        "with gradients, e.g. functional torch.relu only or inside a torch.compile graph, or "
+        "watch(..., activations=False))"
+    )
+
+
+Judged = list[tuple[int, dict[str, dict[str, Any]]]]
+
+
+def unit_episode(
+    rows: Sequence[Mapping[str, Any]],
+    window: int,
+    judge: Callable[[Mapping[str, dict[str, Any]]], dict[str, dict[str, Any]]],
+    value: Callable[[dict[str, dict[str, Any]]], float],
+    measure: str,
+) -> tuple[Judged, Episode | None]:
+    """Each record's modules that ``judge`` picks (on its window), and their episode.
+
+    ``value`` of the picked modules (never empty) is the episode's measure ``measure``.
+    """
+    judged = [(i, judge(stats)) for i, stats in unit_series(rows, window)]
+    points = [Point(i, row_step(rows[i], i), bool(h), value(h) if h else 0.0) for i, h in judged]
+    return judged, episode(points, larger, measure)
 
 
 def _median_stats(chosen: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -88,8 +117,6 @@ def dead_in(stats: Mapping[str, dict[str, Any]], threshold: float) -> dict[str, 
         and not vanished_input(s)
         and s.get("dead_fraction", 0.0) >= threshold
     }
-
-
 
 
 def fraction_at(entry: Mapping[str, Any], slope: float) -> float | None:

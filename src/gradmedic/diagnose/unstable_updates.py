@@ -47,19 +47,28 @@ def judge(points: Sequence[RatioPoint], config: DiagnosisConfig) -> list[tuple[s
     record's own largest ratio).
 
     A spike is a record with a ratio >= ``update_ratio_spike``; sustained is a
-    median of the per-record maxima over the last ``update_window`` records
-    >= ``update_ratio_sustained`` (with at least ``min(update_window, 3)``
-    records, so that Adam's large first step alone does not fire it).
+    layer whose median over its last ``update_window`` measurements (at least
+    ``min(update_window, 3)`` of them, so that Adam's large first step alone does
+    not fire it) is >= ``update_ratio_sustained``. Per layer, because the monitor
+    may measure the layers in turn (one group per record): a record's largest
+    ratio depends on which group it held.
     """
     need = min(config.update_window, 3)
+    seen: dict[str, list[float]] = {}
     out: list[tuple[str | None, float]] = []
-    for k, p in enumerate(points):
+    for p in points:
+        for name, value in p.ratios.items():
+            seen.setdefault(name, []).append(value)
         if p.value >= config.update_ratio_spike:
             out.append(("spike", p.value))
             continue
-        window = [q.value for q in points[max(0, k - config.update_window + 1) : k + 1]]
-        median = statistics.median(window)
-        if len(window) >= need and median >= config.update_ratio_sustained:
+        medians = [
+            statistics.median(values[-config.update_window :])
+            for values in seen.values()
+            if len(values) >= need
+        ]
+        median = max(medians, default=0.0)
+        if median >= config.update_ratio_sustained:
             out.append(("sustained", median))
         else:
             out.append((None, p.value))

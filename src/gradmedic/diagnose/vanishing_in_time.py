@@ -16,8 +16,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.episodes import Point, episode, smaller
-from gradmedic.diagnose.in_time import TimeFit, fit_series, vanishes
+from gradmedic.diagnose.in_time import NO_RECURRENT, TimeFit, module_series, vanishes
 from gradmedic.diagnose.profile import sci
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import setup_of, tailored
@@ -153,17 +154,14 @@ def explain(fit: TimeFit, limit: float) -> str:
 @register(
     Problem.VANISHING_IN_TIME,
     needs=("recurrent",),
-    why="no `recurrent` key: gradient over time not checked (no nn.RNN/LSTM/GRU ran with "
-    "gradients outside a torch.compile graph, or watch(..., recurrent=False))",
+    why=NO_RECURRENT,
 )
-def detect(rows: Sequence[Mapping[str, Any]], config: Any) -> list[Finding]:
+def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """One finding per recurrent module whose gradient dies out within the sequence."""
-    limit = float(getattr(config, "vanishing_gain", 1e-3))
-    severe = 10.0 ** -float(getattr(config, "severe_gain_decades", 6.0))
-    single = fit_series(rows, config, 1)
+    limit = config.vanishing_gain
+    severe = 10.0**-config.severe_gain_decades
     findings = []
-    for module, series in fit_series(rows, config).items():
-        alone = {p.index: p for p in single.get(module, [])}
+    for module, series, alone in module_series(rows, config):
         points = []
         for p in series:
             bad = any(vanishes(f, limit) for f in p.fits)

@@ -7,17 +7,27 @@ to the Trainer's logs, so every ``report_to`` backend gets them: the callback
 moves itself ahead of the reporting callbacks. At the end of training the
 diagnosis is printed, saved as ``gradmedic-diagnosis.json`` in ``output_dir``
 and kept in ``callback.diagnosis``.
+
+Each checkpoint the Trainer saves gets the records so far
+(``checkpoint-<step>/gradmedic-state.json``); ``trainer.train(resume_from_checkpoint=...)``
+from a checkpoint in ``output_dir`` restores them, so a resumed run is diagnosed as a
+whole, its steps continuing the saved ones.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import warnings
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gradmedic.integrations._session import MonitorSession, SessionCallback
+
+STATE_FILE = "gradmedic-state.json"
 
 
 class GradmedicTrainerCallback(SessionCallback, TrainerCallback):
@@ -47,10 +57,33 @@ class GradmedicTrainerCallback(SessionCallback, TrainerCallback):
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None or optimizer is None:
             raise RuntimeError("gradmedic: the Trainer passed no model/optimizer to on_train_begin")
-        self.session.offset = (
-            state.global_step if not self.session.previous else self.session.offset
-        )
+        if not self.session.previous:
+            self.session.offset = state.global_step
+            if state.global_step:  # resumed: the records saved with that checkpoint
+                self._restore(_checkpoint(args, state) / STATE_FILE)
         self.session.start(model, optimizer)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Save the records so far in the checkpoint the Trainer just wrote."""
+        folder = _checkpoint(args, state)
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        try:
+            (folder / STATE_FILE).write_text(json.dumps(self.session.state_dict()))
+        except Exception as exc:  # a failed save of gradmedic's records never stops training
+            warnings.warn(f"gradmedic: records not saved in {folder}: {exc!r}",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+
+    def _restore(self, path: Path) -> None:
+        if not path.is_file():
+            return  # a checkpoint from elsewhere, or saved without this callback
+        try:
+            self.session.load_state_dict(json.loads(path.read_text()))
+        except Exception as exc:  # unreadable: diagnose the resumed part alone
+            warnings.warn(f"gradmedic: records in {path} not restored: {exc!r}",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -67,6 +100,13 @@ class GradmedicTrainerCallback(SessionCallback, TrainerCallback):
         self.session.stop()
         if state.is_world_process_zero:
             self.session.finish(args.output_dir, show=self.show)
+
+
+def _checkpoint(args: TrainingArguments, state: TrainerState) -> Path:
+    """The folder of the Trainer's checkpoint at the current step."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return Path(args.output_dir or ".") / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 def _move_first(callback: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def _float_plain(value: Any) -> Any:
 
 
 class Verdict(str, Enum):
-    """How a claim fared under measurement.
+    """How a claim fared under measurement (``str()`` is the value, e.g. ``"holds partly"``).
 
     ``INCONCLUSIVE``: a precondition of the test failed (e.g. the net did not
     learn, so "clipping does not hurt" cannot be judged); ``ERROR``: the
@@ -117,8 +118,7 @@ class Verdict(str, Enum):
     INCONCLUSIVE = "inconclusive"
     ERROR = "experiment failed"
 
-    def __str__(self) -> str:
-        return self.value
+    __str__ = str.__str__  # the value, not "Verdict.HOLDS"
 
 
 def judge(checks: Mapping[str, bool]) -> Verdict:
@@ -214,14 +214,15 @@ class Result:
         error: The traceback when the experiment raised (``verdict`` is ``ERROR``).
     """
 
-    name: str
-    claims: list[str]
-    title: str
     setup: str
     expected: str
     numbers: dict[str, Any]
     rule: str
     verdict: Verdict
+    # Filled in by @experiment from its registration when an experiment leaves them out.
+    name: str = field(default="", kw_only=True)
+    claims: list[str] = field(default_factory=list, kw_only=True)
+    title: str = field(default="", kw_only=True)
     explanation: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -253,7 +254,7 @@ class Result:
             "explanation": self.explanation,
             "figures": dict(figure_paths)
             if figure_paths is not None
-            else {k: v for k, v in self.figures.items() if isinstance(v, str)},
+            else {k: v for k, v in self.figures.items() if _is_path(v)},
             "seconds": self.seconds,
             "error": self.error,
         }
@@ -276,6 +277,12 @@ class Result:
             per_claim={c: Verdict(v) for c, v in data.get("per_claim", {}).items()},
             error=data.get("error"),
         )
+
+
+def _is_path(figure: Any) -> bool:
+    from gradmedic.lab.plotting import Svg
+
+    return isinstance(figure, str) and not isinstance(figure, Svg)
 
 
 @dataclass(frozen=True)
@@ -303,7 +310,17 @@ def experiment(
             raise ValueError(
                 f"experiment {name!r} registered twice ({old.fn.__module__} and {fn.__module__})"
             )
-        EXPERIMENTS[name] = Experiment(name, tuple(claims), title, fn)
-        return fn
+
+        @functools.wraps(fn)
+        def run(config: LabConfig) -> Result:
+            result = fn(config)
+            if isinstance(result, Result):  # the runner reports anything else
+                result.name = result.name or name
+                result.claims = result.claims or list(claims)
+                result.title = result.title or title
+            return result
+
+        EXPERIMENTS[name] = Experiment(name, tuple(claims), title, run)
+        return run
 
     return wrap

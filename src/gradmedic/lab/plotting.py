@@ -7,7 +7,7 @@ so nothing depends on a GUI backend or global figure state.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -198,6 +198,15 @@ def to_svg(fig: Any) -> str:
     return buf.getvalue()
 
 
+class Svg(str):
+    """A figure already rendered to SVG text (by a worker process of the lab's runner)."""
+
+
+def render(fig: Any) -> Svg:
+    """:func:`to_svg` of ``fig`` as :class:`Svg`; an :class:`Svg` comes back as it is."""
+    return fig if isinstance(fig, Svg) else Svg(to_svg(fig))
+
+
 def _style() -> Any:
     import matplotlib
 
@@ -336,3 +345,80 @@ def runs_on_scale(
         if log:
             ax.set_yscale("log")
         ax.set_ylim(lo, hi * (1.5 if log else 1.0))
+
+
+def seed_runs_on_scale(
+    ax: Any,
+    runs: dict[str, Sequence[Sequence[float]]],
+    *,
+    diverged: dict[str, Sequence[bool]] | None = None,
+    log: bool = True,
+) -> None:
+    """:func:`runs_on_scale` of the mean over seeds, with the seeds' min..max shaded.
+
+    A setting whose run diverged in any seed is drawn as diverged (its mean stops
+    where the first seed stopped); the band is drawn for the steps every seed ran.
+
+    Args:
+        ax: The axes.
+        runs: ``{label: [one curve per seed]}``.
+        diverged: ``{label: [diverged, per seed]}``.
+        log: Log-scaled y axis.
+    """
+    import numpy as np
+
+    diverged = diverged or {}
+    means, bands, stopped = {}, {}, {}
+    for name, curves in runs.items():
+        n = min(len(c) for c in curves)
+        ys = np.asarray([list(c)[:n] for c in curves], dtype=float)
+        means[name] = ys.mean(axis=0)
+        bands[name] = ys
+        stopped[name] = any(diverged.get(name, ())) or bool((~np.isfinite(ys)).any())
+    runs_on_scale(ax, means, diverged=stopped, log=log)
+    lo, hi = ax.get_ylim()
+    with _style():
+        for k, ys in enumerate(bands.values()):
+            ok = np.isfinite(ys).all(axis=0)
+            low = np.clip(ys.min(axis=0), lo, hi)
+            high = np.clip(ys.max(axis=0), lo, hi)
+            xs = np.arange(1, ys.shape[1] + 1, dtype=float)
+            ax.fill_between(xs, low, high, where=ok, color=f"C{k}", alpha=0.2, linewidth=0)
+    ax.set_ylim(lo, hi)
+    n_seeds = max(len(c) for c in runs.values())
+    ax.gradmedic_note = f"lines: mean of {n_seeds} seeds; bands: min..max"
+
+
+def seed_bands(
+    ax: Any, runs: Mapping[str, Sequence[Sequence[float]]], *, log: bool = False
+) -> None:
+    """:func:`band` for each setting of ``{label: [one curve per seed]}``, x from 1, colors C0..."""
+    for k, (name, curves) in enumerate(runs.items()):
+        band(ax, range(1, len(curves[0]) + 1), curves, label=name, color=f"C{k}", log=log)
+
+
+def profile_and_loss(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    profile_title: str,
+    loss_title: str = "training loss",
+    loss_log: bool = True,
+) -> tuple[Any, Any, Any]:
+    """Two panels over seeds: the step-0 gradient profile per layer, and the training loss.
+
+    Args:
+        runs: ``{setting: [one run per seed]}``, each run with ``"grad_profile"`` (one
+            norm per Linear layer) and ``"loss"`` (one value per SGD step).
+        profile_title: Title of the profile panel.
+        loss_title: Title of the loss panel.
+        loss_log: Log-scaled loss axis.
+
+    Returns:
+        ``(figure, profile axes, loss axes)``.
+    """
+    fig, (ax_g, ax_l) = figure(2, width=4.2)
+    for ax, key, log in ((ax_g, "grad_profile", True), (ax_l, "loss", loss_log)):
+        seed_bands(ax, {k: [r[key] for r in rs] for k, rs in runs.items()}, log=log)
+    label(ax_g, profile_title, "Linear layer (input side = 1)", "||dL/dW_l||")
+    label(ax_l, loss_title, "SGD step", "cross-entropy")
+    return fig, ax_g, ax_l

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradmedic.lab.base import LabConfig
@@ -23,6 +23,37 @@ def seeds(config: LabConfig, n: int = 3) -> list[int]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return [config.seed + 1000 * k for k in range(n)]
+
+
+def comparison_seeds(config: LabConfig, full: int = 3, quick: int = 2) -> list[int]:
+    """The seeds of a comparison: ``full`` in the full run, ``quick`` (fewer) in quick mode."""
+    return seeds(config, config.pick(quick, full))
+
+
+def seed_note(config: LabConfig, used: Sequence[int], full: int = 3) -> str:
+    """A sentence for the explanation when quick mode runs fewer seeds than the full run.
+
+    Empty in the full run. With two seeds the standard error has one degree of freedom,
+    so a difference must be large to count and a check "in every seed" sees less of the
+    spread: quick verdicts are less certain than the full run's.
+    """
+    if not config.quick or len(used) >= full:
+        return ""
+    return (
+        f" Quick run: {len(used)} seed{'s' if len(used) != 1 else ''}, not the full run's "
+        f"{full}, so the spread over seeds is only roughly known; the full run's verdict is "
+        "the firmer one."
+    )
+
+
+def each(runs: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    """``[run[key] for run in runs]`` as floats: one value per seed."""
+    return [float(r[key]) for r in runs]
+
+
+def mean_profile(profiles: Sequence[Sequence[float]]) -> list[float]:
+    """The element-wise mean of equally long lists (one per seed), e.g. per-layer norms."""
+    return [statistics.fmean(v) for v in zip(*profiles, strict=True)]
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:

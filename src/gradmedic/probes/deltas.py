@@ -5,11 +5,18 @@ as fast as the deltas (ReLU with N(0,1) weights), per-layer weight-gradient
 norms stay balanced while the delta grows by orders of magnitude toward the
 input. This probe measures the delta directly.
 
-Mechanism: a forward hook on each layer registers a tensor hook on the
-layer's output (only on recorded steps, only when the output requires
+Mechanism: a forward hook on each measured layer registers a tensor hook on
+the layer's output (only on recorded steps, only when the output requires
 grad). Tensor hooks are cheaper than ``register_full_backward_hook``, which
 wraps every input and output in an extra autograd node. Hooks return None:
 they read the gradient, never replace it.
+
+Cost flat in depth: a model of up to :data:`~gradmedic.probes.rotation.PER_STEP`
+layers has every layer measured on every recorded step; a deeper one has an
+interleaved share of them (every ``k``-th layer) measured in turn, so each
+record's profile spans the whole depth and every layer is measured once in ``k``
+recorded steps (:mod:`gradmedic.probes.rotation`). Only the share's layers carry
+hooks, and only on recorded steps.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import nn
 from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
+from gradmedic.probes.rotation import PER_STEP, share
 from gradmedic.record import NamedVector
 from gradmedic.tensorlists import segment_max, stack_on
 
@@ -44,18 +52,28 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 
 
 class DeltaProbe(Probe):
-    """Norm of dL/d(output) and max |output| of each layer on recorded steps.
+    """Norm of dL/d(output) and max |output| of each measured layer on recorded steps.
 
     Over several backward passes in one step (gradient accumulation) the
     squared norms add up, which is the squared norm of the delta of the whole
     accumulated batch.
+
+    Args:
+        per_step: Layers measured per recorded step at most (deeper models are
+            measured in interleaved shares, in turn); None: ``PER_STEP``.
     """
 
     name = "deltas"
 
-    def __init__(self) -> None:
+    def __init__(self, per_step: int | None = None) -> None:
+        per_step = PER_STEP if per_step is None else per_step
+        if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
+            raise ValueError(f"per_step must be a positive int, got {per_step!r}")
+        self.per_step = per_step
         self._hooks = ModuleHooks()
-        self._recording = True
+        self._index: LayerIndex | None = None
+        self._turn = 0  # recorded steps measured so far: which share is next
+        self._hooked: tuple[str, ...] = ()
         # Per layer, in the order hooks fired: every delta norm and every (min, max) of
         # the output this step. Reduced to one vector each at collect time, so the hooks
         # themselves launch one reduction and no arithmetic.
@@ -64,14 +82,29 @@ class DeltaProbe(Probe):
         self._tensor_hooks: dict[str, Any] = {}
 
     def attach(self, index: LayerIndex) -> None:
-        """Register a forward hook on every layer."""
-        for layer in index:
-            self._tensor_hooks[layer.name] = self._tensor_hook(layer.name)
-            self._hooks.forward(layer.module, self._forward_hook(layer.name))
+        """Remember the layers; hooks go on the measured share once a step is recorded."""
+        self._index = index
+
+    def set_recording(self, recording: bool) -> None:
+        """Hook this step's share of the layers when it is recorded, none otherwise."""
+        index = self._index
+        names = share(index.names, self._turn, self.per_step) if recording and index else ()
+        if names == self._hooked:
+            return
+        self._hooks.remove()
+        self._hooked = names
+        if index is None:
+            return
+        for name in names:
+            self._hooks.forward(index.by_name[name].module, self._forward_hook(name))
 
     def _forward_hook(self, name: str) -> Any:
+        tensor_hook = self._tensor_hooks.get(name)
+        if tensor_hook is None:
+            tensor_hook = self._tensor_hooks[name] = self._tensor_hook(name)
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not self._recording or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 return
             try:
                 out = first_tensor(output)
@@ -79,7 +112,7 @@ class DeltaProbe(Probe):
                     return
                 # aminmax reads the output once; an inf-norm is several times slower on CPU
                 self._extrema.setdefault(name, []).extend(torch.aminmax(out.detach()))
-                out.register_hook(self._tensor_hooks[name])
+                out.register_hook(tensor_hook)
             except Exception as exc:  # monitoring must never break training
                 if self.on_error is not None:
                     self.on_error(self, exc)
@@ -101,36 +134,21 @@ class DeltaProbe(Probe):
 
         return hook
 
-    def set_recording(self, recording: bool) -> None:
-        """Only recorded steps pay for the hooks."""
-        self._recording = recording
-
     def collect(self, step: int) -> dict[str, Any]:
         """Delta norms (input-to-output order is applied by the monitor) and output maxima."""
+        self._turn += 1
         out: dict[str, Any] = {}
         if self._norms:
             names = tuple(self._norms)  # insertion order = the order deltas arrived
-            flat = [n for norms in self._norms.values() for n in norms]
-            device = flat[0].device
-            squares = stack_on(flat, device).square()
-            segments = torch.tensor(
-                [k for k, norms in enumerate(self._norms.values()) for _ in norms], device=device
-            )
             # Over several backward passes (accumulation) the squares add up: the norm of
             # the delta of the whole accumulated batch.
-            total = torch.zeros(len(names), dtype=squares.dtype, device=device)
-            out["delta_norm"] = NamedVector(names, total.index_add_(0, segments, squares).sqrt())
+            squares = _flat(list(self._norms.values())).square()
+            out["delta_norm"] = NamedVector(names, _segment_sum(squares, self._norms).sqrt())
             out["_backward_order"] = list(names)
         if self._extrema:
             names = tuple(self._extrema)
-            flat = [t for ext in self._extrema.values() for t in ext]
-            device = flat[0].device
-            # One stack and one scatter for every layer (NaN propagates into the max).
-            segments = torch.tensor(
-                [k for k, ext in enumerate(self._extrema.values()) for _ in ext], device=device
-            )
-            values = stack_on(flat, device).abs()
-            out["output_max"] = NamedVector(names, segment_max(values, segments, len(names)))
+            values = _flat(list(self._extrema.values())).abs()
+            out["output_max"] = NamedVector(names, _segment_amax(values, self._extrema))
         return out
 
     def reset(self) -> None:
@@ -141,4 +159,31 @@ class DeltaProbe(Probe):
     def detach(self) -> None:
         """Remove the forward hooks (tensor hooks die with their graphs)."""
         self._hooks.remove()
+        self._hooked = ()
+        self._index = None
         self.reset()
+
+
+def _flat(groups: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The groups' 0-d tensors, in order, as one float64 vector."""
+    flat = [t for group in groups for t in group]
+    return stack_on(flat, flat[0].device)
+
+
+def _segment_ids(groups: dict[str, list[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    return torch.tensor([k for k, g in enumerate(groups.values()) for _ in g], device=device)
+
+
+def _segment_sum(values: torch.Tensor, groups: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """Per group, the sum of its values (the common case, one value per group: as is)."""
+    if len(values) == len(groups):
+        return values
+    total = torch.zeros(len(groups), dtype=values.dtype, device=values.device)
+    return total.index_add_(0, _segment_ids(groups, values.device), values)
+
+
+def _segment_amax(values: torch.Tensor, groups: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """Per group, the max of its values (NaN propagates); one (min, max) pair each: one amax."""
+    if len(values) == 2 * len(groups):
+        return values.view(-1, 2).amax(dim=1)
+    return segment_max(values, _segment_ids(groups, values.device), len(groups))

@@ -16,13 +16,16 @@ from gradmedic.sharding import (
     any_dtensor,
     flat_shard_layout,
     fsdp1_group,
+    local_tensors,
     sharded_record,
     version_of,
     without_partial,
 )
 from gradmedic.tensorlists import (
+    ReducePlan,
     foreach_norms,
     norms_and_maxes,
+    reduce_plan,
     stack_on,
 )
 
@@ -60,6 +63,8 @@ class GradientProbe(Probe):
         self.last_total: torch.Tensor | None = None
         #: Set by the monitor before :meth:`collect`: the GradScaler's scale, if any.
         self.loss_scale: torch.Tensor | None = None
+        #: How the gradients of the last-seen positions are grouped for the fused pass.
+        self._plan: tuple[tuple[int, tuple[int, ...]], ReducePlan] | None = None
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index (no hooks needed)."""
@@ -78,9 +83,10 @@ class GradientProbe(Probe):
             self._snapshot = None
             return
         grads = [g for _, g in picked]
-        l2, amax = self._norms(grads, grads[0].device)
+        positions = tuple(i for i, _ in picked)
+        l2, amax = self._norms(grads, grads[0].device, positions=positions)
         self._snapshot = _Snapshot(
-            tuple(i for i, _ in picked),
+            positions,
             tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
             l2,  # type: ignore[arg-type]
             amax,
@@ -111,14 +117,26 @@ class GradientProbe(Probe):
         return [(i, p.grad) for i, p in enumerate(self.index.params) if p.grad is not None]
 
     def _norms(
-        self, grads: list[torch.Tensor], device: torch.device, norms: bool = True
+        self,
+        grads: list[torch.Tensor],
+        device: torch.device,
+        norms: bool = True,
+        positions: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The one place per-parameter statistics are computed from the gradient list.
 
         Float64 vectors on ``device``: L2 norms (float32 sums of squares; None unless
-        ``norms``) and max ``|g|``.
+        ``norms``) and max ``|g|``. ``positions`` (of the gradients' parameters in the
+        index) keys the cached grouping: a gradient has its parameter's shape, dtype
+        and device, so the same positions always group the same way.
         """
-        return norms_and_maxes(grads, device, norms)
+        plan = None
+        if positions is not None and self.index is not None:
+            key = (id(self.index.params), positions)
+            if self._plan is None or self._plan[0] != key:
+                self._plan = (key, reduce_plan(local_tensors(grads), device))
+            plan = self._plan[1]
+        return norms_and_maxes(grads, device, norms, plan)
 
     def collect(self, step: int) -> dict[str, Any]:
         """Gradient statistics of the current ``.grad`` tensors, as device tensors (no host read).
@@ -149,7 +167,7 @@ class GradientProbe(Probe):
             l2, inf = snap.norms.to(device), snap.maxes.to(device)
         else:
             offered = self._offered_norms(grads, device)
-            computed, inf = self._norms(grads, device, norms=offered is None)
+            computed, inf = self._norms(grads, device, offered is None, pos)
             l2 = offered if offered is not None else computed  # type: ignore[assignment]
             if snap is not None:
                 pre = snap.norms.to(device)
@@ -251,8 +269,8 @@ class _GradientStats(Deferred):
         self, index: LayerIndex, positions: tuple[int, ...], first: torch.Tensor, last: torch.Tensor
     ) -> None:
         self.index, self.positions = index, positions
-        self.layers = [index.param_layer[i] for i in positions]
-        self.layer_names = index.names  # as ordered now (the index may reorder later)
+        # as ordered now (a reorder rebuilds these, it does not change them); per layer on read
+        self.param_layer, self.layer_names = index.param_layer, index.names
         self.sentinels = [(weakref.ref(t), t._version) for t in (first, last)]
 
     def fill(self, row: dict[str, Any]) -> None:
@@ -272,9 +290,10 @@ class _GradientStats(Deferred):
             row["global_grad_norm"] = math.sqrt(sum(v * v for v in l2))
         elif not finite:
             row["grad_nonfinite_exact"] = False
-        names = [self.layer_names[k] for k in sorted(set(self.layers))]
-        rank = {k: j for j, k in enumerate(sorted(set(self.layers)))}
-        seg = [rank[k] for k in self.layers]
+        layers = [self.param_layer[i] for i in self.positions]
+        names = [self.layer_names[k] for k in sorted(set(layers))]
+        rank = {k: j for j, k in enumerate(sorted(set(layers)))}
+        seg = [rank[k] for k in layers]
         row["grad_norm"] = dict(zip(names, _root_sum_sq(l2, seg, len(names)), strict=True))
         row["grad_max"] = dict(zip(names, _seg_max(amax, seg, len(names)), strict=True))
         params = [self.index.param_names[i] for i in self.positions]

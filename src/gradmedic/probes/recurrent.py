@@ -40,6 +40,11 @@ from gradmedic.layers import RECURRENT_TYPES, ROOT_NAME, LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.spectra import RecurrentSpectra
 
+#: Sequences the monitor's recurrent probe recomputes: the per-step gain through time is a
+#: ratio of norms, which a few sequences measure as well as the batch, and the unrolled
+#: recomputation's cost then stops growing with the batch.
+SAMPLED_SEQUENCES = 8
+
 
 @dataclass
 class _Capture:

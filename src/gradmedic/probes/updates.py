@@ -6,8 +6,8 @@ at each ``step()``, so the update measured is the change since the previous
 recorded step (one optimizer step when every step is recorded).
 
 A measurement copies one *group* of layers, at most ``BUDGET_FRACTION`` of
-the parameter elements (and never less than ``BUDGET_FLOOR`` elements, so a
-small model is copied whole); successive scheduled measurements take the
+the parameter elements (and never less than ``BUDGET_FLOOR`` elements, 64 KiB of
+float32, so a small model is copied whole); successive scheduled measurements take the
 groups in turn, so every layer is measured once per ``len(groups)``
 scheduled steps. A layer larger than the budget alone is measured on a fixed
 strided sample of each of its parameters (every ``stride``-th element):
@@ -39,7 +39,9 @@ from gradmedic.tensorlists import foreach_norms, stack_on
 
 #: Extra memory a measurement may take, as a fraction of the parameters' elements ...
 BUDGET_FRACTION = 0.05
-#: ... but at least this many elements (64 KiB of float32): small models are copied whole.
+#: ... but at least this many elements (64 KiB of float32): a small model is copied whole,
+#: so every record measures all of its layers (a spike in one step is not missed because
+#: another group was measured then); above 327,680 elements the 5% rule alone bounds it.
 BUDGET_FLOOR = 1 << 14
 
 
@@ -101,9 +103,18 @@ def _coprime_stride(stride: int, p: torch.Tensor) -> int:
     return stride
 
 
-def _flat(p: torch.Tensor, stride: int) -> torch.Tensor:
-    local = local_tensors([p])[0].detach()
-    return local if stride == 1 else local.reshape(-1)[::stride]  # a view when contiguous
+def _one_buffer(views: list[torch.Tensor]) -> bool:
+    """Whether the views can share one flat copy (one device, one dtype)."""
+    first = views[0] if views else None
+    return first is not None and all(
+        v.dtype == first.dtype and v.device == first.device for v in views
+    )
+
+
+def _flat(local: torch.Tensor, stride: int) -> torch.Tensor:
+    """A rank-local parameter, or its strided sample (a view when contiguous)."""
+    local = local.detach()
+    return local if stride == 1 else local.reshape(-1)[::stride]
 
 
 class UpdateProbe(Probe):
@@ -122,6 +133,8 @@ class UpdateProbe(Probe):
         self._result: dict[str, Any] = {}
         self._all_norms: torch.Tensor | None = None
         self._scanned = False
+        self._lengths: dict[_Group, torch.Tensor] = {}
+        self._one = False  # the snapshot is one flat buffer
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index."""
@@ -145,8 +158,14 @@ class UpdateProbe(Probe):
         ``advance`` moves on to the next group afterwards (scheduled measurements);
         a measurement that may be dropped (``keep`` a device flag) does not.
         """
-        plan = self.groups()
-        if not plan or self.index is None:
+        # A possibly-dropped measurement (every step, for the norm-jump rule) keeps the plan
+        # of the last scheduled one: which parameters require gradients is read on schedule.
+        if self.index is None:
+            return
+        key = self._plan_key
+        stale = advance or key is None or key[0] != id(self.index.params)
+        plan = self.groups() if stale else self._plan
+        if not plan:
             return
         group = plan[self._turn % len(plan)]
         if advance:
@@ -159,9 +178,13 @@ class UpdateProbe(Probe):
                 norms = stack_on(foreach_norms(local_tensors(every), upcast=True), every[0].device)
             (self._all_norms,) = whole_norms(every, norms)
         with torch.no_grad():
-            pairs = zip(group.positions, group.strides, strict=True)
-            views = [_flat(params[i], s) for i, s in pairs]
-            self._snapshot = list(torch._foreach_mul(views, 1.0))
+            local = local_tensors([params[i] for i in group.positions])
+            views = [_flat(t, s) for t, s in zip(local, group.strides, strict=True)]
+            self._one = _one_buffer(views)
+            if self._one:  # one copy kernel, and one reduction per statistic after
+                self._snapshot = [torch.cat([v.reshape(-1) for v in views])]
+            else:
+                self._snapshot = list(torch._foreach_mul(views, 1.0))
         self._group, self._keep = group, keep
 
     def after(self) -> None:
@@ -176,16 +199,19 @@ class UpdateProbe(Probe):
         with torch.no_grad():
             full = local_tensors([params[i].detach() for i in group.positions])
             views = [_flat(p, s) for p, s in zip(full, group.strides, strict=True)]
-            diffs = torch._foreach_sub(views, snap)
             device = full[0].device
-            upd = stack_on(foreach_norms(diffs, upcast=True), device)
+            if self._one:
+                upd, old = self._flat_norms(views, full, snap[0], group, device)
+            else:
+                diffs = torch._foreach_sub(views, snap)
+                upd = stack_on(foreach_norms(diffs, upcast=True), device)
+                # ||w|| before the step from the copy where whole; a sampled parameter's is
+                # read from the whole tensor after the step (it differs by at most ||dw||).
+                triples = zip(snap, full, group.strides, strict=True)
+                whole = [s if st == 1 else p for s, p, st in triples]
+                old = stack_on(foreach_norms(whole, upcast=True), device)
             if any(s != 1 for s in group.strides):
                 upd = upd * torch.tensor(group.scales, dtype=upd.dtype, device=device)
-            # ||w|| before the step from the copy where whole; a sampled parameter's is
-            # read from the whole tensor after the step (it differs by at most ||dw||).
-            triples = zip(snap, full, group.strides, strict=True)
-            whole = [s if st == 1 else p for s, p, st in triples]
-            old = stack_on(foreach_norms(whole, upcast=True), device)
             # sharded parameters: the local pieces' norms made the whole tensors' (a collective)
             upd, old = whole_norms([params[i] for i in group.positions], upd, old)
         # Per layer on read (_UpdateStats): per step only the per-parameter vectors.
@@ -199,6 +225,34 @@ class UpdateProbe(Probe):
             self._result["_param_norms_all"] = self._all_norms
             self._result["_param_norms_stats"] = _ParamNorms(index, self._plan_key[1])
             self._all_norms = None
+
+    def _flat_norms(
+        self,
+        views: list[torch.Tensor],
+        full: list[torch.Tensor],
+        snap: torch.Tensor,
+        group: _Group,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-parameter ``||dw||`` and ``||w||`` from the one-buffer copy (segmented sums).
+
+        The squares are float32 sums (half precision upcast), as ``foreach_norms``
+        with ``upcast`` takes them; the copy is the only parameter-sized buffer kept.
+        """
+        lengths = self._lengths.get(group)
+        if lengths is None or lengths.device != snap.device:
+            lengths = torch.tensor([v.numel() for v in views], device=snap.device)
+            self._lengths = {group: lengths}  # one group is measured at a time
+        acc = torch.float32 if snap.dtype in (torch.float16, torch.bfloat16) else snap.dtype
+        old = torch.segment_reduce(snap.to(acc).square(), "sum", lengths=lengths).sqrt()
+        sampled = [p for p, st in zip(full, group.strides, strict=True) if st != 1]
+        if sampled:  # a sampled parameter's ||w||: the whole tensor, after the step
+            where = [k for k, st in enumerate(group.strides) if st != 1]
+            whole = torch.stack(foreach_norms(sampled, upcast=True)).to(old.dtype)
+            old = old.index_copy(0, torch.tensor(where, device=old.device), whole)
+        diff = torch.cat([v.reshape(-1) for v in views]).to(acc).sub_(snap)
+        upd = torch.segment_reduce(diff.square_(), "sum", lengths=lengths).sqrt()
+        return upd.to(device, torch.float64), old.to(device, torch.float64)
 
     @property
     def pending(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("clipping", "init", "surgery", "weight_decay", "catalog")
+_SUBMODULES = ("clipping", "init", "surgery", "weight_decay", "catalog", "registry", "base")
 
 
 def __getattr__(name: str) -> Any:

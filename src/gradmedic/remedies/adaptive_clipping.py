@@ -9,7 +9,7 @@ so no call synchronizes with the host.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -26,7 +26,60 @@ from gradmedic.tensorlists import foreach_norms
 __all__ = ["AGC", "AutoClip", "ZClip"]
 
 
-class AutoClip:
+class _Grads(NamedTuple):
+    """One call's gradients: their parameters, per-gradient and global L2 norms."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    norms: list[torch.Tensor]
+    total: torch.Tensor
+    foreach: bool | None
+
+
+class _Clipper:
+    """The call every adaptive clipper shares: the gradients, their norms, then ``_clip``."""
+
+    def __call__(self, parameters: Params, foreach: bool | None = None) -> torch.Tensor:
+        """Clip the gradients of ``parameters`` in place (see the class).
+
+        Args:
+            parameters: Tensors whose ``.grad`` is clipped in place.
+            foreach: Use the fused ``torch._foreach_*`` kernels (``None``: where supported).
+
+        Returns:
+            The total L2 norm before clipping.
+        """
+        params, grads = _with_grads(parameters)
+        if not grads:
+            return torch.tensor(0.0)
+        with torch.no_grad():
+            norms, total = _l2_norms(grads, foreach)
+            self._clip(_Grads(params, grads, norms, total, foreach))
+        return total
+
+    def _clip(self, g: _Grads) -> None:
+        raise NotImplementedError
+
+
+class _GlobalNormClipper(_Clipper):
+    """A clipper of the global L2 norm at a threshold it adapts (AutoClip, ZClip).
+
+    Subclasses set ``kind`` (the record's ``clip.kind``) and define ``_clip_at(total)
+    -> (threshold, clipped, scale)``, updating their own statistics.
+    """
+
+    kind: ClassVar[str]
+
+    def _clip(self, g: _Grads) -> None:
+        threshold, clipped, scale = self._clip_at(g.total)
+        scale_grads_(g.grads, scale.to(g.total.dtype), g.foreach)
+        _note(g.params, g.grads, g.norms, self.kind, threshold, g.total, clipped, scale)
+
+    def _clip_at(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class AutoClip(_GlobalNormClipper):
     """Clip the global norm at a percentile of all gradient norms seen so far.
 
     Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source
@@ -49,6 +102,8 @@ class AutoClip:
         1
     """
 
+    kind = "autoclip"
+
     def __init__(self, percentile: float = 10.0, history_size: int | None = None) -> None:
         if not 0.0 <= float(percentile) <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
@@ -60,28 +115,12 @@ class AutoClip:
         self.threshold: torch.Tensor | None = None
         self._buffer: torch.Tensor | None = None
 
-    def __call__(self, parameters: Params, foreach: bool | None = None) -> torch.Tensor:
-        """Record the current norm, then clip at the percentile of the history.
-
-        Args:
-            parameters: Tensors whose ``.grad`` is clipped in place.
-            foreach: Use the fused ``torch._foreach_*`` kernels (``None``: where supported).
-
-        Returns:
-            The total L2 norm before clipping.
-        """
-        params, grads = _with_grads(parameters)
-        if not grads:
-            return torch.tensor(0.0)
-        with torch.no_grad():
-            norms, total = _l2_norms(grads, foreach)
-            self._push(total)
-            threshold = torch.quantile(self.history(), self.percentile / 100.0)
-            scale = torch.clamp(threshold / (total + 1e-6), max=1.0)
-            scale_grads_(grads, scale.to(total.dtype), foreach)
-            self.threshold = threshold
-            _note(params, grads, norms, "autoclip", threshold, total, total > threshold, scale)
-        return total
+    def _clip_at(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record the current norm, then clip at the percentile of the history."""
+        self._push(total)
+        threshold = torch.quantile(self.history(), self.percentile / 100.0)
+        self.threshold = threshold
+        return threshold, total > threshold, torch.clamp(threshold / (total + 1e-6), max=1.0)
 
     def history(self) -> torch.Tensor:
         """The stored norms, oldest first (NaN recorded as +inf)."""
@@ -133,7 +172,7 @@ class AutoClip:
             self._buffer = torch.roll(buf, self.steps % self.history_size) if full else buf
 
 
-class AGC:
+class AGC(_Clipper):
     """Unit-wise adaptive gradient clipping (Brock et al. 2021, NFNets).
 
     For each output unit ``i`` of a weight (row ``i`` along dim 0, all other dims
@@ -165,39 +204,26 @@ class AGC:
         self.clipping = float(clipping)
         self.eps = float(eps)
 
-    def __call__(self, parameters: Params, foreach: bool | None = None) -> torch.Tensor:
-        """Clip each unit's gradient relative to its weight norm.
-
-        Args:
-            parameters: Tensors whose ``.grad`` is clipped in place.
-            foreach: Use the fused kernels for the total norm (``None``: where supported).
-
-        Returns:
-            The total L2 norm before clipping.
-        """
-        params, grads = _with_grads(parameters)
-        if not grads:
-            return torch.tensor(0.0)
-        with torch.no_grad():
-            norms, total = _l2_norms(grads, foreach)
-            after: list[torch.Tensor] = []
-            clipped: list[torch.Tensor] = []
-            for p, g, g_norm in zip(params, grads, norms, strict=True):
-                if g.ndim <= 1:
-                    w_norm = torch.linalg.vector_norm(p, dtype=g_norm.dtype)
-                else:
-                    w_norm = torch.linalg.vector_norm(p.flatten(1), dim=1, dtype=g_norm.dtype)
-                    g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=g_norm.dtype)
-                max_norm = self.clipping * w_norm.clamp(min=self.eps)
-                over = g_norm > max_norm
-                factor = torch.where(over, max_norm / g_norm.clamp(min=1e-6), 1.0)
-                g.mul_(factor.to(g.dtype).reshape(-1, *([1] * (g.ndim - 1))) if g.ndim else factor)
-                after.append(torch.linalg.vector_norm(g_norm * factor))
-                clipped.append(over.any())
-            clipped_any = torch.stack(clipped).any()
-            scale = total_norm(after, 2.0, total.device) / total.clamp(min=1e-30)
-            _note(params, grads, None, "agc", self.clipping, total, clipped_any, scale)
-        return total
+    def _clip(self, g: _Grads) -> None:
+        """Clip each unit's gradient relative to its weight norm."""
+        after: list[torch.Tensor] = []
+        clipped: list[torch.Tensor] = []
+        for p, grad, g_norm in zip(g.params, g.grads, g.norms, strict=True):
+            if grad.ndim <= 1:
+                w_norm = torch.linalg.vector_norm(p, dtype=g_norm.dtype)
+            else:
+                w_norm = torch.linalg.vector_norm(p.flatten(1), dim=1, dtype=g_norm.dtype)
+                g_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=g_norm.dtype)
+            max_norm = self.clipping * w_norm.clamp(min=self.eps)
+            over = g_norm > max_norm
+            factor = torch.where(over, max_norm / g_norm.clamp(min=1e-6), 1.0)
+            shape = (-1, *([1] * (grad.ndim - 1)))
+            grad.mul_(factor.to(grad.dtype).reshape(shape) if grad.ndim else factor)
+            after.append(torch.linalg.vector_norm(g_norm * factor))
+            clipped.append(over.any())
+        clipped_any = torch.stack(clipped).any()
+        scale = total_norm(after, 2.0, g.total.device) / g.total.clamp(min=1e-30)
+        _note(g.params, g.grads, None, "agc", self.clipping, g.total, clipped_any, scale)
 
     def state_dict(self) -> dict[str, Any]:
         """The settings (AGC keeps no running state)."""
@@ -212,7 +238,7 @@ class AGC:
 _ZCLIP_MODES = ("reciprocal", "zscore", "mean")
 
 
-class ZClip:
+class ZClip(_GlobalNormClipper):
     r"""Clip gradient-norm spikes detected by a z-score against EMA statistics.
 
     Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training".
@@ -250,6 +276,8 @@ class ZClip:
         True
     """
 
+    kind = "zclip"
+
     def __init__(
         self,
         alpha: float = 0.97,
@@ -283,39 +311,23 @@ class ZClip:
         """Whether warmup is over and spikes are being clipped."""
         return self.mean is not None
 
-    def __call__(self, parameters: Params, foreach: bool | None = None) -> torch.Tensor:
-        """Update the statistics and clip the gradients if their norm is a spike.
-
-        Args:
-            parameters: Tensors whose ``.grad`` is clipped in place.
-            foreach: Use the fused ``torch._foreach_*`` kernels (``None``: where supported).
-
-        Returns:
-            The total L2 norm before clipping.
-        """
-        params, grads = _with_grads(parameters)
-        if not grads:
-            return torch.tensor(0.0)
-        with torch.no_grad():
-            norms, total = _l2_norms(grads, foreach)
-            if self.mean is None:
-                target = total
-                self._warmup.append(total.detach().clone())
-                if len(self._warmup) >= self.warmup_steps:
-                    history = torch.stack(self._warmup)
-                    self.mean = history.mean()
-                    self.var = history.var(correction=0)
-                    self._warmup = []
-            else:
-                target = self._update(total)
-            if self.max_norm is not None:
-                target = target.clamp(max=self.max_norm)
-            over = total > target
-            scale = torch.where(over, target / (total + 1e-6), 1.0)
-            scale_grads_(grads, scale.to(total.dtype), foreach)
-            _note(params, grads, norms, "zclip", target, total, over, scale)
+    def _clip_at(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Update the statistics and clip the gradients if their norm is a spike."""
+        if self.mean is None:
+            target = total
+            self._warmup.append(total.detach().clone())
+            if len(self._warmup) >= self.warmup_steps:
+                history = torch.stack(self._warmup)
+                self.mean = history.mean()
+                self.var = history.var(correction=0)
+                self._warmup = []
+        else:
+            target = self._update(total)
+        if self.max_norm is not None:
+            target = target.clamp(max=self.max_norm)
         self.steps += 1
-        return total
+        over = total > target
+        return target, over, torch.where(over, target / (total + 1e-6), 1.0)
 
     def _update(self, g: torch.Tensor) -> torch.Tensor:
         mean, var = self.mean.to(g.device), self.var.to(g.device)  # type: ignore[union-attr]

@@ -61,8 +61,9 @@ def write_report(
     """Write ``index.html``, ``results.json`` and ``figures/*.svg`` into ``out_dir``.
 
     Args:
-        results: The lab's results (figures as matplotlib Figures, or as SVG
-            paths relative to ``source_dir`` for results loaded from JSON).
+        results: The lab's results (figures as matplotlib Figures, rendered
+            :class:`~gradmedic.lab.plotting.Svg`, or SVG paths relative to
+            ``source_dir`` for results loaded from JSON).
         out_dir: The report folder (created if missing).
         config: The settings the lab ran with (recorded in results.json).
         source_dir: Where SVG paths of loaded results are relative to.
@@ -70,7 +71,7 @@ def write_report(
     Returns:
         The path of ``index.html``.
     """
-    from gradmedic.lab.plotting import to_svg
+    from gradmedic.lab.plotting import Svg, to_svg
     from gradmedic.version import __version__
 
     out = report_folder(out_dir)
@@ -80,7 +81,12 @@ def write_report(
         paths, figures = {}, []
         for fig_name, fig in result.figures.items():
             rel = f"figures/{_slug(result.name)}-{_slug(fig_name)}.svg"
-            svg = _read_svg(fig, source_dir) if isinstance(fig, str | Path) else to_svg(fig)
+            if isinstance(fig, Svg):
+                svg = str(fig)
+            elif isinstance(fig, str | Path):
+                svg = _read_svg(fig, source_dir)
+            else:
+                svg = to_svg(fig)
             (out / rel).write_text(svg, encoding="utf-8")
             paths[fig_name] = rel
             figures.append(
@@ -149,6 +155,22 @@ def previous_figures(out_dir: str | Path) -> set[str]:
     return {
         p for p in listed if isinstance(p, str) and re.fullmatch(r"figures/[A-Za-z0-9_-]+\.svg", p)
     }
+
+
+def previous_seconds(out_dir: str | Path, config: LabConfig) -> dict[str, float]:
+    """``{experiment: seconds}`` from the results.json in ``out_dir`` of a run like ``config``.
+
+    Empty when there is none, it cannot be read, or it was a run of another size
+    (quick vs full) or data set, so its times say nothing about this one.
+    """
+    path = Path(out_dir) / "results.json"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if payload["config"] != asdict(config):
+            return {}
+        return {str(r["name"]): float(r["seconds"]) for r in payload["results"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def load_results(path: str | Path) -> list[Result]:

@@ -1,15 +1,19 @@
-"""The small networks the remedy experiments train, and how to read their gradient profile."""
+"""The small networks the lab's experiments train, and how to read their gradient profile."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 import gradmedic
+from gradmedic.lab.data import Dataset
+from gradmedic.lab.train import Curves, train
 
 
 def mlp(
@@ -52,3 +56,27 @@ def linear_names(model: nn.Module) -> list[str]:
 def profile(row: dict[str, Any], names: Sequence[str]) -> list[float]:
     """Per-layer gradient norms of ``names`` from one monitor record (``row["grad_norm"]``)."""
     return [float(row["grad_norm"][n]) for n in names]
+
+
+def train_profiled(
+    model: nn.Module,
+    dataset: Dataset,
+    opt: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[Curves, list[float]]:
+    """Train ``model``; also the per-Linear gradient norms of step 0, from gradmedic.watch."""
+    names = linear_names(model)
+    with gradmedic.watch(model, opt, every=lambda s: s == 0, deltas=False, updates=False) as mon:
+        curves = train(model, dataset, opt, steps=steps, batch_size=batch_size, seed=seed)
+        grads = profile(mon.history.rows()[0], names)
+    return curves, grads
+
+
+def final_loss(curves: Curves, steps: int) -> float:
+    """Mean training loss over the last 10% of ``steps`` (infinite if training diverged)."""
+    if curves.diverged:
+        return math.inf
+    return statistics.fmean(curves.loss[-max(1, steps // 10) :])

@@ -132,9 +132,6 @@ def run(config: LabConfig) -> Result:
 
     sizes = "-".join(str(n) for n in (dataset.n_features, *HIDDEN, dataset.n_classes))
     return Result(
-        name=NAME,
-        claims=["R6"],
-        title=TITLE,
         setup=(
             f"{SOURCE.capitalize()}'s recipe on {dataset.name} ({len(dataset.x_train)} training "
             f"examples): {sizes}, He-normal weights (gradmedic.init.apply(model, 'he')), "

@@ -126,9 +126,6 @@ def run(config: LabConfig) -> Result:
     sizes = "-".join(str(n) for n in (dataset.n_features, *HIDDEN, dataset.n_classes))
     n_train = len(dataset.x_train)
     return Result(
-        name=NAME,
-        claims=["R7"],
-        title=TITLE,
         setup=(
             f"{SOURCE.capitalize()}'s recipe on {dataset.name} ({n_train} training examples): "
             f"{sizes} ReLU MLP, Glorot-uniform weights (TensorFlow's dense default), SGD lr {LR}, "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradmedic
-from gradmedic.lab import data, plotting
+from gradmedic.lab import data, plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge
 from gradmedic.lab.experiments import _nets
 from gradmedic.lab.train import train
@@ -21,6 +21,7 @@ GAIN = 2.0  # weights N(0, GAIN^2 / fan_in): twice He's standard deviation
 LR = 0.1
 THRESHOLD = 1.0
 CHANCE = math.log(10)
+MODES = ("none", "norm", "value")
 
 
 def clip_run(mode: str, dataset: data.Dataset, depth: int, steps: int, seed: int) -> dict:
@@ -66,58 +67,57 @@ def run(config: LabConfig) -> Result:
     depth = 8
     steps = config.pick(100, 600)
     dataset = data.digits(config.seed)
-    runs = {m: clip_run(m, dataset, depth, steps, config.seed) for m in ("none", "norm", "value")}
+    seeds = stats.comparison_seeds(config)
+    runs = {m: [clip_run(m, dataset, depth, steps, s) for s in seeds] for m in MODES}
     none, norm, value = runs["none"], runs["norm"], runs["value"]
+
+    def trains(rs: list[dict]) -> bool:
+        return all(not r["diverged"] and r["final_loss"] < CHANCE for r in rs)
+
     checks = {
-        "without clipping: training diverges (non-finite loss)": none["diverged"],
-        "clipped by norm: finite and below chance loss ln 10": (
-            not norm["diverged"] and norm["final_loss"] < CHANCE
+        "without clipping: training diverges (non-finite loss) in every seed": all(
+            r["diverged"] for r in none
         ),
-        "clipped by value: finite and below chance loss ln 10": (
-            not value["diverged"] and value["final_loss"] < CHANCE
+        "clipped by norm: finite and below chance loss ln 10 in every seed": trains(norm),
+        "clipped by value: finite and below chance loss ln 10 in every seed": trains(value),
+        f"every norm-clipped gradient has global norm <= {THRESHOLD:g}": all(
+            r["max_after_norm"] <= THRESHOLD * (1 + 1e-5) for r in norm
         ),
-        f"every norm-clipped gradient has global norm <= {THRESHOLD:g}": (
-            norm["max_after_norm"] <= THRESHOLD * (1 + 1e-5)
-        ),
-        f"every value-clipped gradient element is within +-{THRESHOLD:g}": (
-            value["max_after_element"] <= THRESHOLD
+        f"every value-clipped gradient element is within +-{THRESHOLD:g}": all(
+            r["max_after_element"] <= THRESHOLD for r in value
         ),
     }
     verdict = judge(checks)
 
     fig, (ax_l, ax_g) = plotting.figure(2, width=4.2)
-    plotting.runs_on_scale(
+    plotting.seed_runs_on_scale(
         ax_l,
-        {f"clip: {mode}": r["loss"] for mode, r in runs.items()},
-        diverged={f"clip: {mode}": r["diverged"] for mode, r in runs.items()},
+        {f"clip: {mode}": [r["loss"] for r in rs] for mode, rs in runs.items()},
+        diverged={f"clip: {mode}": [r["diverged"] for r in rs] for mode, rs in runs.items()},
     )
-    for k, (mode, r) in enumerate(runs.items()):
-        x = range(1, len(r["loss"]) + 1)
-        plotting.profile(
-            ax_g, x, r["grad_norm_before_clip"], label=f"{mode}: before clipping", color=f"C{k}"
-        )
+    for k, (mode, rs) in enumerate(runs.items()):
+        before = [r["grad_norm_before_clip"] for r in rs]
+        plotting.band(ax_g, range(1, steps + 1), before, label=f"{mode}: before clipping",
+                      color=f"C{k}", log=True)  # fmt: skip
         if mode != "none":
-            plotting.profile(
-                ax_g,
-                x,
-                r["grad_norm_after_clip"],
-                label=f"{mode}: after clipping",
-                predicted=True,
-                color=f"C{k}",
-            )
+            after = stats.mean_profile([r["grad_norm_after_clip"] for r in rs])
+            plotting.profile(ax_g, range(1, len(after) + 1), after, label=f"{mode}: after clipping",
+                             predicted=True, color=f"C{k}")  # fmt: skip
     ax_g.axhline(THRESHOLD, color="gray", linestyle=":", label="threshold")
     plotting.label(ax_l, "training loss", "SGD step", "cross-entropy")
     plotting.label(ax_g, "global gradient norm (dashed: after clipping)", "SGD step", "||g||")
 
+    def mean(rs: list[dict], key: str) -> float:
+        return statistics.fmean(stats.each(rs, key))
+
+    diverged_at = [r["steps_run"] for r in none if r["diverged"]]
     return Result(
-        name=NAME,
-        claims=["R7"],
-        title=TITLE,
         setup=(
             f"Digits; ReLU MLP with {depth} hidden layers of 64, weights N(0, {GAIN:g}^2/fan_in) "
             f"(twice He's standard deviation, so the forward signal and the gradient grow by "
             f"about sqrt({GAIN:g}^2/2) = {GAIN / math.sqrt(2):.2f} per layer), biases 0; SGD lr "
-            f"{LR}, batch 128, {steps} steps. Three runs from the same weights and batches: no "
+            f"{LR}, batch 128, {steps} steps, random seeds {seeds}. Three runs from the same "
+            "weights and batches per seed: no "
             f"clipping; gradmedic.clip_grad_norm_(max_norm={THRESHOLD:g}); "
             f"gradmedic.clip_grad_value_(clip_value={THRESHOLD:g})."
         ),
@@ -130,38 +130,46 @@ def run(config: LabConfig) -> Result:
             "depth": depth,
             "steps": steps,
             "threshold": THRESHOLD,
-            "first_grad_norm": none["grad_norm_before_clip"][0],
-            "diverged": {m: r["diverged"] for m, r in runs.items()},
-            "steps_run": {m: r["steps_run"] for m, r in runs.items()},
-            "final_loss": {m: r["final_loss"] for m, r in runs.items()},
-            "test_accuracy": {m: r["test_accuracy"] for m, r in runs.items()},
-            "max_norm_after_clip": norm["max_after_norm"],
-            "max_element_after_clip": value["max_after_element"],
+            "seeds": seeds,
+            "first_grad_norm": stats.summary([r["grad_norm_before_clip"][0] for r in none]),
+            "diverged": {m: [r["diverged"] for r in rs] for m, rs in runs.items()},
+            "steps_run": {m: [r["steps_run"] for r in rs] for m, rs in runs.items()},
+            "final_loss": {
+                m: stats.summary(stats.each(rs, "final_loss")) for m, rs in runs.items()
+            },
+            "test_accuracy": {
+                m: stats.summary(stats.each(rs, "test_accuracy")) for m, rs in runs.items()
+            },
+            "max_norm_after_clip": max(stats.each(norm, "max_after_norm")),
+            "max_element_after_clip": max(stats.each(value, "max_after_element")),
             "runs": runs,
             "checks": checks,
         },
         rule=(
-            "final_loss = mean training loss over the last 10% of steps; diverged = a non-finite "
-            "loss occurred. Holds if all checks in numbers.checks pass, partly if some do, does "
-            "not hold if none do."
+            "Fixed before the run: final_loss = mean training loss over the last 10% of steps; "
+            "diverged = a non-finite loss occurred. Each check must hold in every one of the "
+            f"{len(seeds)} seeds (same weights and batches for the three runs of a seed). Holds "
+            "if all checks in numbers.checks pass, partly if some do, does not hold if none do."
         ),
         verdict=verdict,
         explanation=(
-            f"The first gradient has global norm {none['grad_norm_before_clip'][0]:.3g}. Without "
+            f"Means over {len(seeds)} seeds. The first gradient has global norm "
+            f"{statistics.fmean(r['grad_norm_before_clip'][0] for r in none):.3g}. Without "
             + (
-                f"clipping the loss became non-finite at step {none['steps_run']}"
-                if none["diverged"]
-                else f"clipping training stayed finite (final loss {none['final_loss']:.3f})"
+                f"clipping the loss became non-finite in {len(diverged_at)} of {len(seeds)} "
+                f"seeds (at steps {diverged_at})"
+                if diverged_at
+                else f"clipping training stayed finite (final loss {mean(none, 'final_loss'):.3f})"
             )
-            + f"; clipped by norm: final loss {norm['final_loss']:.3f}, test accuracy "
-            f"{norm['test_accuracy']:.3f}; clipped by value: final loss {value['final_loss']:.3f}, "
-            f"test accuracy {value['test_accuracy']:.3f}. Largest global norm after norm "
-            f"clipping {norm['max_after_norm']:.6g}; largest element after value clipping "
-            f"{value['max_after_element']:.6g}. Parameter norm after the first and the last "
-            f"step: clipped by norm {norm['param_norm'][0]:.1f} -> {norm['param_norm'][-1]:.1f}, "
-            f"by value {value['param_norm'][0]:.1f} -> {value['param_norm'][-1]:.1f}. Clipping "
-            "does not remove the cause (the initialization amplifies); it bounds each step, so "
-            "SGD cannot overshoot into the region where the loss and gradients blow up."
+            + f"; clipped by norm: final loss {mean(norm, 'final_loss'):.3f}, test accuracy "
+            f"{mean(norm, 'test_accuracy'):.3f}; clipped by value: final loss "
+            f"{mean(value, 'final_loss'):.3f}, test accuracy {mean(value, 'test_accuracy'):.3f}. "
+            "Largest global norm after norm clipping "
+            f"{max(stats.each(norm, 'max_after_norm')):.6g}; largest element after value "
+            f"clipping {max(stats.each(value, 'max_after_element')):.6g}. Clipping does not "
+            "remove the cause (the initialization amplifies); it bounds each step, so SGD cannot "
+            "overshoot into the region where the loss and gradients blow up."
+            + stats.seed_note(config, seeds)
         ),
         figures={"loss_and_norms": fig},
     )

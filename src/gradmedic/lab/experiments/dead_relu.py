@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import cast
 
 import torch
 from torch import nn
 
-from gradmedic.lab import data, plotting
+from gradmedic.lab import data, plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge
 from gradmedic.lab.experiments import _nets
 from gradmedic.lab.train import train
@@ -82,67 +83,77 @@ def dead_run(act: str, opt_name: str, dataset: data.Dataset, steps: int, seed: i
 def run(config: LabConfig) -> Result:
     steps = config.pick(150, 1000)
     dataset = data.digits(config.seed)
-    runs = {
-        f"{act}_{opt}": dead_run(act, opt, dataset, steps, config.seed)
-        for act in ACTS
-        for opt in OPTIMIZERS
-    }
-    relu = [runs[f"relu_{o}"] for o in OPTIMIZERS]
-    leaky = {o: runs[f"leaky_relu_{o}"] for o in OPTIMIZERS}
+    seeds = stats.comparison_seeds(config)
+    names = [f"{act}_{opt}" for act in ACTS for opt in OPTIMIZERS]
+    per_seed = [
+        {
+            f"{act}_{opt}": dead_run(act, opt, dataset, steps, s)
+            for act in ACTS
+            for opt in OPTIMIZERS
+        }
+        for s in seeds
+    ]
+
+    def every(name: str, key: str) -> list[float]:
+        return [float(r[name][key]) for r in per_seed]
+
     half = KILLED // 2
+    relu = [f"relu_{o}" for o in OPTIMIZERS]
+    leaky = [f"leaky_relu_{o}" for o in OPTIMIZERS]
     checks = {
-        "ReLU: the killed units' incoming weights get exactly zero gradient": all(
-            r["first_grad_max_killed"] == 0.0 for r in relu
+        "ReLU: the killed units' incoming weights get exactly zero gradient, every seed": all(
+            v == 0.0 for n in relu for v in every(n, "first_grad_max_killed")
         ),
-        "ReLU: no killed unit revives (SGD and Adam)": all(r["revived"] == 0 for r in relu),
-        "Leaky ReLU: the killed units get a nonzero gradient": all(
-            r["first_grad_max_killed"] > 0 for r in leaky.values()
+        "ReLU: no killed unit revives (SGD and Adam), every seed": all(
+            v == 0 for n in relu for v in every(n, "revived")
         ),
-        f"Leaky ReLU + SGD: at least {half} of {KILLED} killed units revive": (
-            leaky["sgd"]["revived"] >= half
-        ),
-        f"Leaky ReLU + Adam: at least {half} of {KILLED} killed units revive": (
-            leaky["adam"]["revived"] >= half
+        "Leaky ReLU: the killed units get a nonzero gradient, every seed": all(
+            v > 0 for n in leaky for v in every(n, "first_grad_max_killed")
         ),
     }
+    for opt, label in (("sgd", "SGD"), ("adam", "Adam")):
+        checks[
+            f"Leaky ReLU + {label}: at least {half} of {KILLED} killed units revive, every seed"
+        ] = min(every(f"leaky_relu_{opt}", "revived")) >= half
     verdict = judge(checks)
 
     fig, (ax, ax_h) = plotting.figure(2, width=4.2)
-    names = list(runs)
-    revived = [runs[n]["revived"] for n in names]
-    dead = [KILLED - v for v in revived]
-    pos = list(range(len(names)))
-    bars = ax.bar(pos, revived, width=0.6, color="C2", label="revived")
-    ax.bar_label(bars, fontsize=7, label_type="center")
-    bars = ax.bar(pos, dead, width=0.6, bottom=revived, color="0.7", label="still dead")
-    ax.bar_label(bars, fontsize=7, label_type="center")
-    ax.set_xticks(pos, names, rotation=15)
+    plotting.grouped_bars(
+        ax,
+        names,
+        {
+            "revived": [[r[n]["revived"] for n in names] for r in per_seed],
+            "still dead": [[KILLED - r[n]["revived"] for n in names] for r in per_seed],
+        },
+    )
+    ax.set_ylim(0, KILLED * 1.05)
+    ax.tick_params(axis="x", rotation=15)
     plotting.label(ax, f"the {KILLED} killed units after {steps} steps", "", "units")
     healthy = WIDTH - KILLED
     plotting.grouped_bars(
         ax_h,
         names,
         {
-            "before training": [[runs[n]["healthy_alive_before"] / healthy for n in names]],
-            "after": [[runs[n]["healthy_alive_after"] / healthy for n in names]],
+            "before training": [
+                [r[n]["healthy_alive_before"] / healthy for n in names] for r in per_seed
+            ],
+            "after": [[r[n]["healthy_alive_after"] / healthy for n in names] for r in per_seed],
         },
     )
     ax_h.set_ylim(0, 1.05)
     ax_h.tick_params(axis="x", rotation=15)
     plotting.label(ax_h, f"the {healthy} other units: share alive", "", "share alive")
+    revived = {n: stats.summary(every(n, "revived")) for n in names}
 
     return Result(
-        name=NAME,
-        claims=["R3"],
-        title=TITLE,
         setup=(
             f"Digits; {dataset.n_features}-{WIDTH}-10 MLP (PyTorch default init). The biases of "
             f"{KILLED} of the {WIDTH} hidden units are lowered until their largest "
             f"pre-activation over the training set is -{MARGIN} (dead on every input, as after "
             f"a large negative bias was learned). The same weights with ReLU and with Leaky ReLU "
             f"(slope {SLOPE}), each trained with SGD (lr 0.1) and with Adam (lr 0.01), batch "
-            f"128, {steps} steps. A unit is alive if its pre-activation is positive for at "
-            "least one training input."
+            f"128, {steps} steps, random seeds {seeds}. A unit is alive if its pre-activation "
+            "is positive for at least one training input."
         ),
         expected=(
             "A dead ReLU gets zero gradient for all its incoming weights and never recovers; a "
@@ -151,30 +162,38 @@ def run(config: LabConfig) -> Result:
         numbers={
             "steps": steps,
             "killed": KILLED,
-            "revived": {n: r["revived"] for n, r in runs.items()},
-            "first_grad_max_killed": {n: r["first_grad_max_killed"] for n, r in runs.items()},
-            "first_grad_max_healthy": {n: r["first_grad_max_healthy"] for n, r in runs.items()},
+            "seeds": seeds,
+            "revived": revived,
+            "first_grad_max_killed": {n: every(n, "first_grad_max_killed") for n in names},
+            "first_grad_max_healthy": {n: every(n, "first_grad_max_healthy") for n in names},
             "healthy_units_died": {
-                n: r["healthy_alive_before"] - r["healthy_alive_after"] for n, r in runs.items()
+                n: [r[n]["healthy_alive_before"] - r[n]["healthy_alive_after"] for r in per_seed]
+                for n in names
             },
-            "test_accuracy": {n: r["test_accuracy"] for n, r in runs.items()},
+            "test_accuracy": {n: stats.summary(every(n, "test_accuracy")) for n in names},
             "checks": checks,
         },
         rule=(
-            "Holds if all checks in numbers.checks pass, partly if some do, does not hold if "
-            "none do."
+            f"Fixed before the run: each check must hold in every one of the {len(seeds)} "
+            "seeds (a seed draws the weights and the batches). Holds if all checks in "
+            "numbers.checks pass, partly if some do, does not hold if none do."
         ),
         verdict=verdict,
         explanation=(
-            f"Largest first-step gradient on a killed unit's weights: ReLU "
-            f"{relu[0]['first_grad_max_killed']:.3g}, Leaky ReLU "
-            f"{leaky['sgd']['first_grad_max_killed']:.3g} (healthy units: "
-            f"{leaky['sgd']['first_grad_max_healthy']:.3g}). Killed units revived: "
-            + ", ".join(f"{n} {r['revived']}/{KILLED}" for n, r in runs.items())
+            f"Over {len(seeds)} seeds. Largest first-step gradient on a killed unit's weights: "
+            f"ReLU {max(every('relu_sgd', 'first_grad_max_killed')):.3g}, Leaky ReLU "
+            f"{min(every('leaky_relu_sgd', 'first_grad_max_killed')):.3g} or more (healthy "
+            f"units: {statistics.fmean(every('leaky_relu_sgd', 'first_grad_max_healthy')):.3g}"
+            "). Killed units revived (mean, min..max): "
+            + ", ".join(
+                f"{n} {v['mean']:.1f} ({min(v['values']):g}..{max(v['values']):g})/{KILLED}"
+                for n, v in revived.items()
+            )
             + ". The Leaky ReLU's way back is "
             f"{SLOPE:g} times the gradient an active unit would get; plain SGD scales the step "
             "by it, Adam divides it out (its step depends on the gradient's sign and history, "
             "not its size), so whether the units come back depends on the optimizer."
+            + stats.seed_note(config, seeds)
         ),
         figures={"revived_and_died": fig},
     )

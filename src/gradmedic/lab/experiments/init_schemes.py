@@ -8,11 +8,9 @@ import statistics
 import torch
 from torch import nn
 
-import gradmedic
-from gradmedic.lab import data, plotting
+from gradmedic.lab import data, plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge
 from gradmedic.lab.experiments import _nets
-from gradmedic.lab.train import train
 
 NAME = "init_schemes"
 TITLE = "Training under N(0, 0.01^2), N(0, 1), Xavier and He initialization (tanh, ReLU)"
@@ -22,6 +20,7 @@ INITS = ("small", "normal", "xavier", "he")
 STD = {"small": 0.01, "normal": 1.0}
 LR = 0.05
 MOMENTUM = 0.9
+MARGIN = 0.05  # nats of training loss: the smallest difference that counts
 
 
 def build(act: str, init: str, sizes: list[int]) -> nn.Sequential:
@@ -36,19 +35,29 @@ def init_run(act: str, init: str, dataset: data.Dataset, depth: int, steps: int,
     torch.manual_seed(seed)
     model = build(act, init, [dataset.n_features, *[64] * depth, 10])
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    names = _nets.linear_names(model)
-    with gradmedic.watch(model, opt, every=lambda s: s == 0, deltas=False, updates=False) as mon:
-        curves = train(model, dataset, opt, steps=steps, batch_size=128, seed=seed)
-        grads = _nets.profile(mon.history.rows()[0], names)
-    tail = curves.loss[-max(1, steps // 10) :]
+    curves, grads = _nets.train_profiled(
+        model, dataset, opt, steps=steps, batch_size=128, seed=seed
+    )
     return {
         "grad_profile": grads,
         "first_over_last": grads[0] / grads[-1] if grads[-1] > 0 else math.nan,
         "loss": curves.loss,
         "diverged": curves.diverged,
-        "final_loss": math.inf if curves.diverged else statistics.fmean(tail),
+        "final_loss": _nets.final_loss(curves, steps),
         "test_accuracy": curves.final_accuracy,
     }
+
+
+def lower(good: list[float], bad: list[float]) -> tuple[bool, dict]:
+    """``good`` below ``bad`` beyond the margin and the seeds' spread, or ``bad`` diverged.
+
+    A diverged run has an infinite loss: the good init wins against it when it did not
+    diverge itself in any seed, and every seed of the bad one diverged.
+    """
+    if all(math.isinf(v) for v in bad) and all(math.isfinite(v) for v in good):
+        return True, {"outcome": "bad init diverged in every seed"}
+    cmp = stats.compare(bad, good, margin=MARGIN)
+    return cmp["outcome"] == "a > b", cmp
 
 
 @experiment(NAME, ["R4"], TITLE)
@@ -56,28 +65,39 @@ def run(config: LabConfig) -> Result:
     depth = 10
     steps = config.pick(50, 500)
     dataset = data.digits(config.seed)
+    seeds = stats.comparison_seeds(config)
     runs = {
-        act: {init: init_run(act, init, dataset, depth, steps, config.seed) for init in INITS}
+        act: {
+            init: [init_run(act, init, dataset, depth, steps, s) for s in seeds] for init in INITS
+        }
         for act in ACTS
     }
-    loss = {a: {i: r["final_loss"] for i, r in v.items()} for a, v in runs.items()}
-    ratio = {a: {i: r["first_over_last"] for i, r in v.items()} for a, v in runs.items()}
-    checks = {}
+    losses = {a: {i: stats.each(r, "final_loss") for i, r in v.items()} for a, v in runs.items()}
+    ratios = {
+        a: {i: stats.each(r, "first_over_last") for i, r in v.items()} for a, v in runs.items()
+    }
+    loss = {a: {i: _mean(v) for i, v in d.items()} for a, d in losses.items()}
+    ratio = {a: {i: _mean(v) for i, v in d.items()} for a, d in ratios.items()}
+    checks, cmp = {}, {}
     for act, init in MATCHED.items():
-        checks[f"{act} + {init}: first/last-layer gradient ratio within 10x of 1"] = (
-            0.1 <= ratio[act][init] <= 10
+        checks[f"{act} + {init}: first/last-layer gradient ratio within 10x of 1 in every seed"] = (
+            all(0.1 <= v <= 10 for v in ratios[act][init])
         )
-        checks[f"{act} + {init}: lower final loss than N(0, 0.01^2) and N(0, 1)"] = all(
-            loss[act][init] < loss[act][bad] for bad in STD
-        )
+        wins = {}
+        for bad in STD:
+            wins[bad], cmp[f"{act}_{bad}_minus_{init}"] = lower(losses[act][init], losses[act][bad])
+        checks[
+            f"{act} + {init}: lower final loss than N(0, 0.01^2) and N(0, 1) (by more than "
+            f"{MARGIN:g} and the seeds' spread, or they diverged)"
+        ] = all(wins.values())
     verdict = judge(checks)
 
     fig, axes = plotting.figure(2, width=4.2)
     for ax, act in zip(axes, ACTS, strict=True):
-        plotting.runs_on_scale(
+        plotting.seed_runs_on_scale(
             ax,
-            {init: runs[act][init]["loss"] for init in INITS},
-            diverged={init: runs[act][init]["diverged"] for init in INITS},
+            {init: [r["loss"] for r in runs[act][init]] for init in INITS},
+            diverged={init: [r["diverged"] for r in runs[act][init]] for init in INITS},
         )
         plotting.label(ax, f"{act}: training loss", "SGD step", "cross-entropy")
 
@@ -85,15 +105,13 @@ def run(config: LabConfig) -> Result:
         return "diverged" if math.isinf(v) else f"{v:.3f}"
 
     return Result(
-        name=NAME,
-        claims=["R4"],
-        title=TITLE,
         setup=(
             f"Digits; MLP {dataset.n_features}-64x{depth}-10 with tanh or ReLU; weights "
             "N(0, 0.01^2) ('small'), N(0, 1) ('normal'), Xavier (gradmedic.init.apply(model, "
             "'xavier'): variance 2/(fan_in + fan_out)) or He (gradmedic.init.apply(model, 'he'): "
             f"variance gain^2/fan_in), biases 0; SGD lr {LR}, momentum {MOMENTUM}, batch 128, "
-            f"{steps} steps, same batches. The gradient-profile grid over activations and inits "
+            f"{steps} steps, random seeds {seeds} (same batches for every init of a seed). The "
+            "gradient-profile grid over activations and inits "
             "with its mean-field prediction is the depth_profiles experiment."
         ),
         expected=(
@@ -104,22 +122,32 @@ def run(config: LabConfig) -> Result:
         numbers={
             "depth": depth,
             "steps": steps,
-            "final_loss": loss,
-            "first_over_last": ratio,
+            "seeds": seeds,
+            "final_loss": {
+                a: {i: stats.summary(v) for i, v in d.items()} for a, d in losses.items()
+            },
+            "first_over_last": {
+                a: {i: stats.summary(v) for i, v in d.items()} for a, d in ratios.items()
+            },
+            "comparisons": cmp,
             "test_accuracy": {
-                a: {i: r["test_accuracy"] for i, r in v.items()} for a, v in runs.items()
+                a: {i: stats.summary(stats.each(r, "test_accuracy")) for i, r in v.items()}
+                for a, v in runs.items()
             },
             "runs": runs,
             "checks": checks,
         },
         rule=(
-            "first_over_last = ||dL/dW_1|| / ||dL/dW_last|| at step 0; final_loss = mean "
-            "training loss over the last 10% of steps (infinite if training diverged). Holds if "
-            "all checks in numbers.checks pass, partly if some do, does not hold if none do."
+            "Fixed before the run: first_over_last = ||dL/dW_1|| / ||dL/dW_last|| at step 0; "
+            "final_loss = mean training loss over the last 10% of steps (infinite if training "
+            f"diverged). Over {len(seeds)} seeds (paired by seed) a loss is lower when the mean "
+            f"difference exceeds {MARGIN:g} and twice its standard error, or when the other "
+            "init diverged in every seed. Holds if all checks in numbers.checks pass, partly if "
+            "some do, does not hold if none do."
         ),
         verdict=verdict,
         explanation=(
-            "Final loss by init: "
+            f"Means over {len(seeds)} seeds. Final loss by init: "
             + "; ".join(
                 f"{a}: " + ", ".join(f"{i} {fmt(v)}" for i, v in d.items()) for a, d in loss.items()
             )
@@ -129,7 +157,12 @@ def run(config: LabConfig) -> Result:
             )
             + ". Too small a standard deviation shrinks the signal and the gradient at every "
             "layer; N(0, 1) with 64 inputs per unit multiplies the pre-activations by about 8 "
-            "per layer, which saturates tanh and blows up ReLU."
+            "per layer, which saturates tanh and blows up ReLU." + stats.seed_note(config, seeds)
         ),
         figures={"training": fig},
     )
+
+
+def _mean(values: list[float]) -> float:
+    """The mean, infinite when any value is (a run that diverged)."""
+    return math.inf if any(math.isinf(v) for v in values) else statistics.fmean(values)

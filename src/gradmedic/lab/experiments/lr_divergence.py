@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 from torch import nn
 
-from gradmedic.lab import data, plotting
+from gradmedic.lab import data, plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge_claims
 from gradmedic.lab.train import train
 
@@ -65,7 +66,11 @@ def run(config: LabConfig) -> Result:
     ds = data.load(config.seed, config.mnist_dir)
     if config.quick and ds.name == "mnist":
         ds = ds.subset(5000, 2000)
-    runs = {name: one_run(ds, opt, lr, steps, config.seed) for name, (opt, lr) in RUNS.items()}
+    seeds = stats.comparison_seeds(config)
+    per_seed = [
+        {name: one_run(ds, opt, lr, steps, s) for name, (opt, lr) in RUNS.items()} for s in seeds
+    ]
+    runs = {name: [r[name] for r in per_seed] for name in RUNS}
     large, good, small, adam = (runs[k] for k in (LARGE, GOOD, SMALL, ADAM))
 
     def fails(r: dict) -> bool:
@@ -74,17 +79,26 @@ def run(config: LabConfig) -> Result:
     def trains(r: dict) -> bool:
         return not r["nonfinite"] and r["final_loss"] < 0.2 * r["initial_loss"]
 
+    def stalls(r: dict) -> bool:
+        return r["final_loss"] > 0.95 * r["initial_loss"] and r["param_movement"] < 0.01
+
     checks = {
         "K6": {
-            "too large: training fails (final loss >= 0.9 x initial, or non-finite)": fails(large),
-            "too large: parameter norm grows >= 10x": large["param_growth"] >= 10,
-            "too large: gradient norm grows >= 10x": large["grad_growth"] >= 10,
-            "too small: loss drops < 5% and parameters move < 1%": (
-                small["final_loss"] > 0.95 * small["initial_loss"]
-                and small["param_movement"] < 0.01
+            "too large: training fails (final loss >= 0.9 x initial, or non-finite), every "
+            "seed": all(map(fails, large)),
+            "too large: parameter norm grows >= 10x, every seed": all(
+                r["param_growth"] >= 10 for r in large
             ),
-            "a moderate SGD step trains (final loss < 0.2 x initial)": trains(good),
-            "Adam at its default lr 1e-3 trains with no tuning": trains(adam),
+            "too large: gradient norm grows >= 10x, every seed": all(
+                r["grad_growth"] >= 10 for r in large
+            ),
+            "too small: loss drops < 5% and parameters move < 1%, every seed": all(
+                map(stalls, small)
+            ),
+            "a moderate SGD step trains (final loss < 0.2 x initial), every seed": all(
+                map(trains, good)
+            ),
+            "Adam at its default lr 1e-3 trains with no tuning, every seed": all(map(trains, adam)),
         }
     }
     verdict, per_claim = judge_claims(checks)
@@ -96,52 +110,66 @@ def run(config: LabConfig) -> Result:
         ("training loss", "||theta||", "||gradient||"),
         strict=True,
     ):
-        if key == "loss":
-            plotting.runs_on_scale(ax, {name: r[key] for name, r in runs.items()})
-        else:
-            for k, (name, r) in enumerate(runs.items()):
-                plotting.profile(ax, range(1, len(r[key]) + 1), r[key], label=name, color=f"C{k}")
+        plotting.seed_runs_on_scale(
+            ax,
+            {name: [r[key] for r in rs] for name, rs in runs.items()},
+            diverged={name: [r["nonfinite"] for r in rs] for name, rs in runs.items()},
+        )
         plotting.label(ax, title, "step", title, legend=key == "loss")
 
     summary = {
-        name: {k: r[k] for k in r if k not in ("loss", "param_norm", "grad_norm")}
-        for name, r in runs.items()
+        name: [{k: r[k] for k in r if k not in ("loss", "param_norm", "grad_norm")} for r in rs]
+        for name, rs in runs.items()
     }
+
+    def mean(rs: list[dict], key: str) -> float:
+        return statistics.fmean(stats.each(rs, key))
+
     return Result(
         name="lr_divergence",
         claims=["K6"],
         title="Learning rate: too large diverges, too small stalls, Adam adapts",
         setup=(
             f"{ds.name}: the same 64-64-64-10 ReLU MLP (same init, same batches of 64) trained "
-            f"for {steps} steps with cross-entropy by " + ", ".join(RUNS) + ". Recorded at "
-            "each step: loss, global parameter norm, global gradient norm."
+            f"for {steps} steps with cross-entropy by " + ", ".join(RUNS) + f", random seeds "
+            f"{seeds} (a seed draws the init and the batches). Recorded at each step: loss, "
+            "global parameter norm, global gradient norm."
         ),
         expected=(
             "Too large a step overshoots, inflates the parameters and so the gradients, and "
             "training diverges; too small a step barely moves; an adaptive method copes."
         ),
-        numbers={"steps": steps, "runs": summary, "curves": runs, "checks": checks},
+        numbers={
+            "steps": steps,
+            "seeds": seeds,
+            "runs": summary,
+            "curves": runs,
+            "checks": checks,
+        },
         rule=(
             "From runs.*: too large fails (final_loss >= 0.9 initial_loss or non-finite), with "
             "param_growth = max ||theta|| / ||theta_0|| >= 10 and grad_growth = max ||g|| / "
             "||g_0|| >= 10; too small has final_loss > 0.95 initial_loss and param_movement = "
             "||theta_T - theta_0|| / ||theta_0|| < 0.01; SGD lr 0.1 and Adam lr 1e-3 train "
-            "(final_loss < 0.2 initial_loss). All checks pass: holds; some: holds partly; none: "
+            "(final_loss < 0.2 initial_loss). Fixed before the run; each check must hold in every "
+            f"one of the {len(seeds)} seeds. All checks pass: holds; some: holds partly; none: "
             "does not hold."
         ),
         verdict=verdict,
         per_claim=per_claim,
         explanation=(
-            f"SGD lr 3: parameter norm x{large['param_growth']:.3g}, gradient norm "
-            f"x{large['grad_growth']:.3g}, final loss {large['final_loss']:.3g} (from "
-            f"{large['initial_loss']:.3g}), accuracy {large['test_accuracy']:.0%}. SGD lr 1e-4: "
-            f"loss {small['initial_loss']:.3g} -> {small['final_loss']:.3g}, parameters moved "
-            f"{small['param_movement']:.2%}. SGD lr 0.1 reaches accuracy "
-            f"{good['test_accuracy']:.0%}; Adam lr 1e-3 {adam['test_accuracy']:.0%}, lr 1e-2 "
-            f"{runs['Adam lr 1e-2']['test_accuracy']:.0%}, lr 1e-1 "
-            f"{runs['Adam lr 1e-1']['test_accuracy']:.0%}. Adam divides each step by the running "
-            "RMS of the gradient, so its step size does not grow with the gradient; it tolerates "
-            "a wider range of learning rates than SGD but is not immune to a very large one."
+            f"Means over {len(seeds)} seeds. SGD lr 3: parameter norm "
+            f"x{mean(large, 'param_growth'):.3g}, gradient norm x{mean(large, 'grad_growth'):.3g},"
+            f" final loss {mean(large, 'final_loss'):.3g} (from {mean(large, 'initial_loss'):.3g})"
+            f", accuracy {mean(large, 'test_accuracy'):.0%}. SGD lr 1e-4: loss "
+            f"{mean(small, 'initial_loss'):.3g} -> {mean(small, 'final_loss'):.3g}, parameters "
+            f"moved {mean(small, 'param_movement'):.2%}. SGD lr 0.1 reaches accuracy "
+            f"{mean(good, 'test_accuracy'):.0%}; Adam lr 1e-3 {mean(adam, 'test_accuracy'):.0%}, "
+            f"lr 1e-2 {mean(runs['Adam lr 1e-2'], 'test_accuracy'):.0%}, lr 1e-1 "
+            f"{mean(runs['Adam lr 1e-1'], 'test_accuracy'):.0%}. Adam divides each step by the "
+            "running RMS of the gradient, so its step size does not grow with the gradient; it "
+            "tolerates a wider range of learning rates than SGD but is not immune to a very "
+            "large one." + stats.seed_note(config, seeds)
         ),
         figures={"curves": fig},
     )

@@ -116,9 +116,6 @@ def run(config: LabConfig) -> Result:
         plotting.label(ax, f"{act}: {statistic} per hidden layer", "SGD step", statistic)
 
     return Result(
-        name=NAME,
-        claims=["K2", "K3"],
-        title=TITLE,
         setup=(
             f"{PAPER.cite}, Figures 2-4 (5 hidden layers of 1000 units on Shapeset/MNIST, "
             "minibatches of 10). Here: "

@@ -95,9 +95,6 @@ def run(config: LabConfig) -> Result:
     summary = {i: {"final_loss": stats.summary(final[i]), "test_accuracy": stats.summary(acc[i])}
                for i in INITS}  # fmt: skip
     return Result(
-        name=NAME,
-        claims=["R4"],
-        title=TITLE,
         setup=(
             f"{PAPER.cite}, Figure 3 (a 30-layer ReLU convolutional net on ImageNet: Xavier init "
             f"does not converge, theirs does). Here: a {DEPTH}-hidden-layer ReLU MLP of width "

@@ -135,9 +135,6 @@ def run(config: LabConfig) -> Result:
     )
 
     return Result(
-        name=NAME,
-        claims=["R7", "K5"],
-        title=TITLE,
         setup=(
             f"{PAPER.cite}, section 3 and Figure 6: a one-unit recurrent net x_t = w "
             f"sigmoid(x_(t-1)) + b, x_0 = {X0}, T = {T} steps, loss (x_T - {TARGET})^2, float64. "

@@ -135,9 +135,6 @@ def run(config: LabConfig) -> Result:
         return statistics.fmean(v)
 
     return Result(
-        name=NAME,
-        claims=["R4"],
-        title=TITLE,
         setup=(
             f"{PAPER.cite} (their Figures 1-4). tanh nets at the critical point sigma_w^2 = "
             f"{SIGMA_W**2:g}, sigma_b^2 = 0 (mean-field gain chi = 1), width {WIDTH}, weights "

@@ -10,6 +10,7 @@ agreement of the two predictions with training is measured.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ def fixed_point_q(sigma_w2: float, sigma_b2: float = SIGMA_B2) -> float:
     """q* = sigma_w^2 E[tanh(sqrt(q*) z)^2] + sigma_b^2 (iterated to convergence)."""
     q = 1.0
     for _ in range(500):
-        q = sigma_w2 * float(_WEIGHTS @ np.tanh(math.sqrt(q) * _NODES) ** 2) + sigma_b2
+        q, before = sigma_w2 * float(_WEIGHTS @ np.tanh(math.sqrt(q) * _NODES) ** 2) + sigma_b2, q
+        if abs(q - before) <= 1e-13 * q:
+            break
     return q
 
 
@@ -59,18 +62,21 @@ def depth_scale(sigma_w2: float, sigma_b2: float = SIGMA_B2) -> dict[str, float]
     z1, z2 = np.meshgrid(_NODES, _NODES, indexing="ij")
     w2 = np.outer(_WEIGHTS, _WEIGHTS)
 
+    def pair(c: float) -> tuple[np.ndarray, np.ndarray]:  # (u1, u2): variance q, correlation c
+        return math.sqrt(q) * z1, math.sqrt(q) * (c * z1 + math.sqrt(max(0.0, 1 - c * c)) * z2)
+
     def corr_map(c: float) -> float:
-        u1 = math.sqrt(q) * z1
-        u2 = math.sqrt(q) * (c * z1 + math.sqrt(max(0.0, 1 - c * c)) * z2)
+        u1, u2 = pair(c)
         return (sigma_w2 * float((w2 * np.tanh(u1) * np.tanh(u2)).sum()) + sigma_b2) / q
 
     c = 1.0
     if chi1 > 1:
         c = 0.5
         for _ in range(500):
-            c = corr_map(c)
-    u1 = math.sqrt(q) * z1
-    u2 = math.sqrt(q) * (c * z1 + math.sqrt(max(0.0, 1 - c * c)) * z2)
+            c, before = corr_map(c), c
+            if abs(c - before) <= 1e-13:
+                break
+    u1, u2 = pair(c)
     chi_c = sigma_w2 * float((w2 * _dtanh(u1) * _dtanh(u2)).sum())
     xi = math.inf if abs(math.log(chi_c)) < 1e-12 else -1.0 / math.log(chi_c)
     return {"q_star": q, "chi_1": chi1, "c_star": c, "chi_c": chi_c, "xi_c": abs(xi)}
@@ -166,18 +172,13 @@ def run(config: LabConfig) -> Result:
         x_edges, y_edges, grid.T, cmap="viridis", vmin=0.0, vmax=1.0, rasterized=True
     )
     fig.colorbar(mesh, ax=ax_p, label="test accuracy")
-    fine = np.linspace(x_edges[0], x_edges[-1], 300)
+    fine = np.linspace(x_edges[0], x_edges[-1], 80)
     xi_fine = np.array([depth_scale(s)["xi_c"] for s in fine])
     top = y_edges[-1]
     ax_p.plot(fine, np.minimum(xi_fine, top * 10), "--", color="C1", label="xi_c")
     ax_p.plot(fine, np.minimum(6 * xi_fine, top * 10), "-", color="C3", label="6 xi_c")
     ax_p.axvline(crit, color="0.3", linestyle=":", linewidth=1, label="critical point")
-    ax_p.set_yscale("log")
-    ax_p.set_xlim(x_edges[0], x_edges[-1])
-    ax_p.set_ylim(y_edges[0], top)
-    ax_p.set_xticks(sx, [f"{s:g}" for s in sigmas])
-    ax_p.set_yticks(depths, [str(d) for d in depths])
-    ax_p.minorticks_off()
+    _grid_axes(ax_p, x_edges, y_edges, sigmas, depths)
     ax_p.grid(False)
     plotting.label(
         ax_p, f"trained accuracy (critical sigma_w^2 = {crit:.2f})", "sigma_w^2", "depth"
@@ -195,18 +196,10 @@ def run(config: LabConfig) -> Result:
         ax_a.scatter(px[ok], py[ok], marker="o", s=40, color=f"C{k}", label=f"{name}: agrees")
         ax_a.scatter(px[~ok], py[~ok], marker="x", s=40, color=f"C{k}",
                      label=f"{name}: disagrees")  # fmt: skip
-    ax_a.set_yscale("log")
-    ax_a.set_xlim(x_edges[0], x_edges[-1])
-    ax_a.set_ylim(y_edges[0], top)
-    ax_a.set_xticks(sx, [f"{s:g}" for s in sigmas])
-    ax_a.set_yticks(depths, [str(d) for d in depths])
-    ax_a.minorticks_off()
+    _grid_axes(ax_a, x_edges, y_edges, sigmas, depths)
     plotting.label(ax_a, "predictions before training vs training", "sigma_w^2", "depth")
 
     return Result(
-        name=NAME,
-        claims=["R4"],
-        title=TITLE,
         setup=(
             f"{PAPER.cite}, Figure 5 (MNIST/CIFAR, depth up to 300). Here: tanh MLPs of width "
             f"{WIDTH} on {dataset.name}, weights N(0, sigma_w^2/fan_in), biases N(0, "
@@ -264,6 +257,18 @@ def run(config: LabConfig) -> Result:
         ),
         figures={"phase_diagram": fig},
     )
+
+
+def _grid_axes(
+    ax: Any, x_edges: np.ndarray, y_edges: np.ndarray, sigmas: list, depths: list
+) -> None:
+    """The grid's axes: sigma_w^2 across, depth up on a log scale, ticks at the cells."""
+    ax.set_yscale("log")
+    ax.set_xlim(x_edges[0], x_edges[-1])
+    ax.set_ylim(y_edges[0], y_edges[-1])
+    ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas])
+    ax.set_yticks(depths, [str(d) for d in depths])
+    ax.minorticks_off()
 
 
 def _edges(centers: np.ndarray) -> np.ndarray:

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
 from torch import nn
 
-import gradmedic
-from gradmedic.lab import data, plotting
+from gradmedic.lab import data, plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge
 from gradmedic.lab.experiments import _nets
-from gradmedic.lab.train import train
 
 NAME = "pretraining"
 TITLE = "Layer-wise pre-training (greedy autoencoders) then fine-tuning vs random init"
 FINE_TUNE_LR = 1.0
 PRETRAIN_LR = 0.01
 BATCH = 128
+MARGIN = {"log10_first_layer_grad": 0.1, "log10_first_over_last": 0.1, "test_accuracy": 0.01}
 
 
 def pretrain(model: nn.Sequential, x: torch.Tensor, steps: int, seed: int) -> list[float]:
@@ -52,16 +52,32 @@ def pretrain(model: nn.Sequential, x: torch.Tensor, steps: int, seed: int) -> li
 def fine_tune(model: nn.Sequential, dataset: data.Dataset, steps: int, seed: int) -> dict:
     """SGD on the labels; the step-0 gradient profile from gradmedic.watch."""
     opt = torch.optim.SGD(model.parameters(), lr=FINE_TUNE_LR)
-    names = _nets.linear_names(model)
-    with gradmedic.watch(model, opt, every=lambda s: s == 0, deltas=False, updates=False) as mon:
-        curves = train(model, dataset, opt, steps=steps, batch_size=BATCH, seed=seed)
-        grads = _nets.profile(mon.history.rows()[0], names)
+    curves, grads = _nets.train_profiled(
+        model, dataset, opt, steps=steps, batch_size=BATCH, seed=seed
+    )
     return {
         "grad_profile": grads,
-        "first_over_last": grads[0] / grads[-1],
+        "log10_first_layer_grad": math.log10(grads[0]),
+        "log10_first_over_last": math.log10(grads[0] / grads[-1]),
         "loss": curves.loss,
-        "final_loss": statistics.fmean(curves.loss[-max(1, steps // 10) :]),
+        "final_loss": _nets.final_loss(curves, steps),
         "test_accuracy": curves.final_accuracy,
+    }
+
+
+def seed_run(
+    sizes: list[int], dataset: data.Dataset, pre_steps: int, steps: int, seed: int
+) -> dict:
+    """The random and the pre-trained net of one seed: the same initial weights and batches."""
+    torch.manual_seed(seed)
+    random_net = _nets.mlp(sizes, nn.Sigmoid)
+    torch.manual_seed(seed)
+    pre_net = _nets.mlp(sizes, nn.Sigmoid)
+    errors = pretrain(pre_net, dataset.x_train, pre_steps, seed)
+    return {
+        "reconstruction_error": errors,
+        "random": fine_tune(random_net, dataset, steps, seed),
+        "pretrained": fine_tune(pre_net, dataset, steps, seed),
     }
 
 
@@ -74,48 +90,45 @@ def run(config: LabConfig) -> Result:
     dataset = data.digits(config.seed)
     sizes = [dataset.n_features, *[width] * depth, 10]
 
-    torch.manual_seed(config.seed)
-    random_net = _nets.mlp(sizes, nn.Sigmoid)
-    torch.manual_seed(config.seed)
-    pre_net = _nets.mlp(sizes, nn.Sigmoid)
-    errors = pretrain(pre_net, dataset.x_train, pre_steps, config.seed)
-    runs = {
-        "random": fine_tune(random_net, dataset, steps, config.seed),
-        "pretrained": fine_tune(pre_net, dataset, steps, config.seed),
+    seeds = stats.comparison_seeds(config)
+    per_seed = [seed_run(sizes, dataset, pre_steps, steps, s) for s in seeds]
+    runs = {n: [r[n] for r in per_seed] for n in ("random", "pretrained")}
+    keys = ("log10_first_layer_grad", "log10_first_over_last", "test_accuracy")
+    values = {k: {n: stats.each(v, k) for n, v in runs.items()} for k in keys}
+    cmp = {
+        k: stats.compare(values[k]["pretrained"], values[k]["random"], margin=MARGIN[k])
+        for k in keys
     }
-    rnd, pre = runs["random"], runs["pretrained"]
     checks = {
-        "pre-trained: larger first-layer gradient at the start of fine-tuning": (
-            pre["grad_profile"][0] > rnd["grad_profile"][0]
-        ),
-        "pre-trained: larger first/last-layer gradient ratio": (
-            pre["first_over_last"] > rnd["first_over_last"]
-        ),
-        "pre-trained: higher test accuracy after the same fine-tuning steps": (
-            pre["test_accuracy"] > rnd["test_accuracy"]
-        ),
+        f"pre-trained: larger first-layer gradient at the start of fine-tuning (log10 higher "
+        f"by more than {MARGIN['log10_first_layer_grad']:g} and the seeds' spread)": cmp[
+            "log10_first_layer_grad"
+        ]["outcome"]
+        == "a > b",
+        f"pre-trained: larger first/last-layer gradient ratio (log10 higher by more than "
+        f"{MARGIN['log10_first_over_last']:g} and the seeds' spread)": cmp["log10_first_over_last"][
+            "outcome"
+        ]
+        == "a > b",
+        "pre-trained: higher test accuracy after the same fine-tuning steps (by more than "
+        f"{MARGIN['test_accuracy']:g} and the seeds' spread)": cmp["test_accuracy"]["outcome"]
+        == "a > b",
     }
     verdict = judge(checks)
 
-    fig, (ax_g, ax_l) = plotting.figure(2, width=4.2)
-    for k, (name, r) in enumerate(runs.items()):
-        layers = range(1, len(r["grad_profile"]) + 1)
-        plotting.profile(ax_g, layers, r["grad_profile"], label=name, color=f"C{k}")
-        plotting.profile(ax_l, range(1, len(r["loss"]) + 1), r["loss"], label=name, color=f"C{k}")
-    plotting.label(ax_g, "gradient at the start of fine-tuning", "Linear layer", "||dL/dW_l||")
-    plotting.label(ax_l, "fine-tuning loss", "SGD step", "cross-entropy")
+    fig, _, _ = plotting.profile_and_loss(
+        runs, profile_title="gradient at the start of fine-tuning", loss_title="fine-tuning loss"
+    )
+    mean = {k: {n: statistics.fmean(v) for n, v in d.items()} for k, d in values.items()}
 
     return Result(
-        name=NAME,
-        claims=["R10"],
-        title=TITLE,
         setup=(
             f"Digits; sigmoid MLP {sizes[0]}-{width}x{depth}-10, "
             "PyTorch's default init. Pre-training: each hidden layer in turn is the encoder of "
             f"an autoencoder (fresh linear decoder, MSE, Adam lr {PRETRAIN_LR}, {pre_steps} "
             f"steps of {BATCH} unlabelled images per layer) fed by the previous layer's output. "
             f"Fine-tuning: SGD lr {FINE_TUNE_LR}, batch {BATCH}, {steps} steps on the labels, "
-            "the same for the random and the pre-trained net (same batches)."
+            f"the same for the random and the pre-trained net (same batches), random seeds {seeds}."
         ),
         expected=(
             "Layer-wise pre-training without labels puts the deep net where fine-tuning can "
@@ -126,33 +139,40 @@ def run(config: LabConfig) -> Result:
             "width": width,
             "pretrain_steps_per_layer": pre_steps,
             "fine_tune_steps": steps,
-            "reconstruction_error": errors,
-            "first_layer_grad": {n: r["grad_profile"][0] for n, r in runs.items()},
-            "first_over_last": {n: r["first_over_last"] for n, r in runs.items()},
-            "final_loss": {n: r["final_loss"] for n, r in runs.items()},
-            "test_accuracy": {n: r["test_accuracy"] for n, r in runs.items()},
+            "seeds": seeds,
+            "reconstruction_error": [r["reconstruction_error"] for r in per_seed],
+            **{k: {n: stats.summary(v) for n, v in d.items()} for k, d in values.items()},
+            "final_loss": {n: stats.summary(stats.each(v, "final_loss")) for n, v in runs.items()},
+            "pretrained_minus_random": cmp,
             "runs": runs,
             "checks": checks,
         },
         rule=(
-            "Gradients: per-layer norms at the first fine-tuning step (gradmedic.watch). Holds "
-            "if all checks in numbers.checks pass, partly if some do, does not hold if none do."
+            "Fixed before the run: gradients are the per-layer norms at the first fine-tuning "
+            f"step (gradmedic.watch), compared in log10. Over {len(seeds)} seeds (paired by "
+            "seed: same initial weights and batches) the pre-trained net is ahead when the mean "
+            "difference exceeds the stated margin and twice its standard error. Holds if all "
+            "checks pass, partly if some do, does not hold if none do."
         ),
         verdict=verdict,
         explanation=(
-            f"First-layer gradient at the start of fine-tuning: random "
-            f"{rnd['grad_profile'][0]:.3g}, pre-trained {pre['grad_profile'][0]:.3g} (first/last "
-            f"{rnd['first_over_last']:.2g} vs {pre['first_over_last']:.2g}). Test accuracy after "
-            f"{steps} steps: random {rnd['test_accuracy']:.3f}, pre-trained "
-            f"{pre['test_accuracy']:.3f}. The pre-training cost {depth} x {pre_steps} extra "
-            "unlabelled steps."
+            f"Means over {len(seeds)} seeds. log10 first-layer gradient at the start of "
+            f"fine-tuning: random {mean['log10_first_layer_grad']['random']:.2f}, pre-trained "
+            f"{mean['log10_first_layer_grad']['pretrained']:.2f} (log10 first/last "
+            f"{mean['log10_first_over_last']['random']:.2f} vs "
+            f"{mean['log10_first_over_last']['pretrained']:.2f}). Test accuracy after {steps} "
+            f"steps: random {mean['test_accuracy']['random']:.3f}, pre-trained "
+            f"{mean['test_accuracy']['pretrained']:.3f}; difference "
+            f"{stats.describe(cmp['test_accuracy'])}. The pre-training cost {depth} x "
+            f"{pre_steps} extra unlabelled steps."
             + (
                 " The sigmoid chain still shrinks the gradient toward the input after "
                 "pre-training; what changes is that the early layers already compute useful "
                 "features, so fine-tuning needs to move them less."
-                if pre["first_over_last"] < 0.1
+                if mean["log10_first_over_last"]["pretrained"] < -1
                 else ""
             )
+            + stats.seed_note(config, seeds)
         ),
         figures={"gradients_and_fine_tuning": fig},
     )

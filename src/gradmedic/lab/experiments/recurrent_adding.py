@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradmedic
-from gradmedic.lab import plotting
+from gradmedic.lab import plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge_claims
 
 NAME = "recurrent_adding"
@@ -99,63 +99,74 @@ def kept(ratio: float) -> tuple[bool, bool]:
     return ratio >= 1e-2, ratio <= 1e2
 
 
+def cell_run(kind: str, length: int, hidden: int, steps: int, lr: float, n: int, seed: int) -> dict:
+    """Train one cell on the adding problem (data drawn from ``seed``); its numbers."""
+    x, y = adding(length, n, seed)
+    x_test, y_test = adding(length, 1000, seed + 1)
+    baseline = float(nn.functional.mse_loss(y.mean().expand_as(y_test), y_test))
+    model, losses, (rec0, rec1) = train_reader(kind, x, y, hidden, steps, lr, seed)
+    with torch.no_grad():
+        mse = float(nn.functional.mse_loss(model(x_test), y_test))
+    # The LSTM's claim is about the cell state c; the others only have h.
+    along = "dc_norm" if kind.startswith("lstm") else "dh_norm"
+    r = {
+        "test_mse": mse,
+        "baseline_mse": baseline,
+        "mse_over_baseline": mse / baseline,
+        "loss": losses,
+        "gradient_along": along,
+        "grad_init": rec0[along],
+        "grad_trained": rec1[along],
+        "first_over_last_init": time_ratio(rec0[along]),
+        "first_over_last_trained": time_ratio(rec1[along]),
+    }
+    gate = {"lstm": "forget_gate_mean", "gru": "update_gate_mean"}.get(kind[:4])
+    if gate:
+        r["gate"] = gate
+        r["gate_init"] = rec0[gate]
+        r["gate_trained"] = rec1[gate]
+        r["gate_mean_init"] = statistics.fmean(rec0[gate])
+        r["gate_mean_trained"] = statistics.fmean(rec1[gate])
+    return r
+
+
 @experiment(NAME, ["R8", "R9"], TITLE)
 def run(config: LabConfig) -> Result:
     length = config.pick(16, 50)
     hidden = config.pick(16, 32)
     steps = config.pick(150, 500)
     lr = config.pick(0.03, 0.01)
-    x, y = adding(length, config.pick(4000, 16000), config.seed)
-    x_test, y_test = adding(length, 1000, config.seed + 1)
-    baseline = float(nn.functional.mse_loss(y.mean().expand_as(y_test), y_test))
-
-    runs: dict[str, dict] = {}
-    for kind in CELLS:
-        model, losses, (rec0, rec1) = train_reader(kind, x, y, hidden, steps, lr, config.seed)
-        with torch.no_grad():
-            mse = float(nn.functional.mse_loss(model(x_test), y_test))
-        # The LSTM's claim is about the cell state c; the others only have h.
-        along = "dc_norm" if kind.startswith("lstm") else "dh_norm"
-        r = {
-            "test_mse": mse,
-            "mse_over_baseline": mse / baseline,
-            "loss": losses,
-            "gradient_along": along,
-            "grad_init": rec0[along],
-            "grad_trained": rec1[along],
-            "first_over_last_init": time_ratio(rec0[along]),
-            "first_over_last_trained": time_ratio(rec1[along]),
-        }
-        gate = {"lstm": "forget_gate_mean", "gru": "update_gate_mean"}.get(kind[:4])
-        if gate:
-            r["gate"] = gate
-            r["gate_init"] = rec0[gate]
-            r["gate_trained"] = rec1[gate]
-            r["gate_mean_init"] = statistics.fmean(rec0[gate])
-            r["gate_mean_trained"] = statistics.fmean(rec1[gate])
-        runs[kind] = r
+    n_train = config.pick(4000, 16000)
+    seeds = stats.comparison_seeds(config)
+    per_seed = {
+        kind: [cell_run(kind, length, hidden, steps, lr, n_train, s) for s in seeds]
+        for kind in CELLS
+    }
+    baseline = statistics.fmean(stats.each(per_seed["rnn"], "baseline_mse"))
 
     checks: dict[str, dict[str, bool]] = {"R8": {}, "R9": {}}
     for kind, claim in (("lstm", "R8"), ("lstm_forget1", "R8"), ("gru", "R9")):
-        r = runs[kind]
-        checks[claim][f"{kind} learns: test MSE < {LEARNED:g} x baseline"] = (
-            r["mse_over_baseline"] < LEARNED
+        checks[claim][f"{kind} learns: test MSE < {LEARNED:g} x baseline in every seed"] = all(
+            r["mse_over_baseline"] < LEARNED for r in per_seed[kind]
         )
     for kind, claim in (("lstm", "R8"), ("gru", "R9")):
-        r, what = runs[kind], runs[kind]["gradient_along"][:2]
+        what = per_seed[kind][0]["gradient_along"][:2]
         for when in ("init", "trained"):
-            vanish_ok, explode_ok = kept(r[f"first_over_last_{when}"])
-            checks[claim][f"{kind} ({when}): {what} at step 1 >= 1/100 of step T"] = vanish_ok
-            checks[claim][f"{kind} ({when}): {what} at step 1 <= 100x step T"] = explode_ok
+            kept_ = [kept(r[f"first_over_last_{when}"]) for r in per_seed[kind]]
+            checks[claim][f"{kind} ({when}): {what} at step 1 >= 1/100 of step T, every seed"] = (
+                all(v for v, _ in kept_)
+            )
+            checks[claim][f"{kind} ({when}): {what} at step 1 <= 100x step T, every seed"] = all(
+                e for _, e in kept_
+            )
     verdict, per_claim = judge_claims(checks)
+    runs = {kind: _mean_run(rs) for kind, rs in per_seed.items()}
     return Result(
-        name=NAME,
-        claims=["R8", "R9"],
-        title=TITLE,
         setup=(
             f"Adding problem: sequences of {length} steps of (value ~ U(0, 1), marker); one "
             "marker in each half; the target is the sum of the two marked values "
-            f"({len(x)} training sequences, 1000 test). nn.RNN (tanh), nn.LSTM (PyTorch's "
+            f"({n_train} training sequences, 1000 test, drawn anew for each of the random seeds "
+            f"{seeds}). nn.RNN (tanh), nn.LSTM (PyTorch's "
             "default init: forget bias 0), nn.LSTM with forget-gate bias 1, and nn.GRU, "
             f"{hidden} hidden units, a linear head on the last state; Adam lr {lr}, batch 64, "
             f"{steps} steps, global-norm clipping at {CLIP:g} for all. gradmedic.watch("
@@ -174,7 +185,12 @@ def run(config: LabConfig) -> Result:
             "steps": steps,
             "baseline_mse": baseline,
             "baseline_closed_form": 1 / 6,
+            "seeds": seeds,
+            "mse_over_baseline": {
+                k: stats.summary(stats.each(rs, "mse_over_baseline")) for k, rs in per_seed.items()
+            },
             "runs": runs,
+            "per_seed": per_seed,
             "checks": checks,
         },
         rule=(
@@ -187,8 +203,10 @@ def run(config: LabConfig) -> Result:
         ),
         verdict=verdict,
         per_claim=per_claim,
-        explanation=explain(runs, baseline),
-        figures={"gradient_over_time": figure(runs, baseline)},
+        explanation=f"Means over {len(seeds)} seeds. "
+        + explain(runs, baseline)
+        + stats.seed_note(config, seeds),
+        figures={"gradient_over_time": figure(per_seed, baseline)},
     )
 
 
@@ -223,26 +241,37 @@ def explain(runs: dict[str, dict], baseline: float) -> str:
     return " ".join(text)
 
 
-def figure(runs: dict[str, dict], baseline: float) -> object:
-    """Gradient over time, training loss, gate means over time."""
+def _mean_run(rs: list[dict]) -> dict:
+    """The seeds' runs of one cell averaged: numbers by mean, curves element-wise."""
+    out: dict = {}
+    for key, v in rs[0].items():
+        if isinstance(v, str):
+            out[key] = v
+        elif isinstance(v, list):
+            out[key] = stats.mean_profile([r[key] for r in rs])
+        else:
+            out[key] = statistics.fmean(float(r[key]) for r in rs)
+    return out
+
+
+def figure(per_seed: dict[str, list[dict]], baseline: float) -> object:
+    """Gradient over time, training loss, gate means over time (mean of seeds, min..max band)."""
     fig, (ax_g, ax_l, ax_z) = plotting.figure(3, width=3.6)
-    for k, (kind, r) in enumerate(runs.items()):
-        t = range(1, len(r["grad_trained"]) + 1)
-        plotting.profile(ax_g, t, r["grad_trained"], label=kind, color=f"C{k}")
-        plotting.profile(ax_g, t, r["grad_init"], label=None, predicted=True, color=f"C{k}")
-        plotting.profile(ax_l, range(1, len(r["loss"]) + 1), r["loss"], label=kind, color=f"C{k}")
-        if "gate_trained" in r:
-            name = f"{kind} " + ("forget gate" if r["gate"].startswith("forget") else "keep gate z")
-            plotting.profile(ax_z, t, r["gate_trained"], label=name, color=f"C{k}", log=False)
-            plotting.profile(
-                ax_z,
-                t,
-                r["gate_init"],
-                label=None,
-                predicted=True,
-                color=f"C{k}",
-                log=False,
+    for k, (kind, rs) in enumerate(per_seed.items()):
+        t = range(1, len(rs[0]["grad_trained"]) + 1)
+        mean = _mean_run(rs)
+        plotting.band(ax_g, t, [r["grad_trained"] for r in rs], label=kind, color=f"C{k}",
+                      log=True)  # fmt: skip
+        plotting.profile(ax_g, t, mean["grad_init"], label=None, predicted=True, color=f"C{k}")
+        plotting.band(ax_l, range(1, len(rs[0]["loss"]) + 1), [r["loss"] for r in rs],
+                      label=kind, color=f"C{k}", log=True)  # fmt: skip
+        if "gate_trained" in mean:
+            name = f"{kind} " + (
+                "forget gate" if mean["gate"].startswith("forget") else "keep gate z"
             )
+            plotting.band(ax_z, t, [r["gate_trained"] for r in rs], label=name, color=f"C{k}")
+            plotting.profile(ax_z, t, mean["gate_init"], label=None, predicted=True,
+                             color=f"C{k}", log=False)  # fmt: skip
     ax_l.axhline(baseline, color="gray", linestyle=":", label="predict the mean")
     plotting.label(
         ax_g, "gradient over time (dashed: init)", "time step t", "||dL/dh_t|| (LSTM: dL/dc_t)"

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-import gradmedic
-from gradmedic.lab import data, plotting
+from gradmedic.lab import data, plotting, stats
 from gradmedic.lab.base import LabConfig, Result, experiment, judge
 from gradmedic.lab.experiments import _nets
-from gradmedic.lab.train import train
 
 NAME = "relu_family"
 TITLE = "ReLU family vs sigmoid and tanh in a 10-layer net: slopes, gradient, training"
@@ -27,6 +26,8 @@ RELU_FAMILY = ("relu", "leaky_relu", "elu")
 SATURATING = ("sigmoid", "tanh")
 LR = 0.05
 MOMENTUM = 0.9
+LOG_MARGIN = 0.1  # decades of the first/last gradient ratio: a factor 1.26
+LOSS_MARGIN = 0.05  # nats of training loss
 
 
 def slopes(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,9 @@ def act_run(act: str, dataset: data.Dataset, depth: int, steps: int, seed: int) 
     z, d = slopes(model, dataset.x_test)
     pos = z > 0
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    names = _nets.linear_names(model)
-    with gradmedic.watch(model, opt, every=lambda s: s == 0, deltas=False, updates=False) as mon:
-        curves = train(model, dataset, opt, steps=steps, batch_size=128, seed=seed)
-        grads = _nets.profile(mon.history.rows()[0], names)
+    curves, grads = _nets.train_profiled(
+        model, dataset, opt, steps=steps, batch_size=128, seed=seed
+    )
     return {
         "mean_slope": float(d.mean()),
         "mean_slope_squared": float((d * d).mean()),
@@ -63,8 +63,9 @@ def act_run(act: str, dataset: data.Dataset, depth: int, steps: int, seed: int) 
         "share_positive": float(pos.double().mean()),
         "grad_profile": grads,
         "first_over_last": grads[0] / grads[-1],
+        "log10_first_over_last": math.log10(grads[0] / grads[-1]),
         "loss": curves.loss,
-        "final_loss": statistics.fmean(curves.loss[-max(1, steps // 10) :]),
+        "final_loss": _nets.final_loss(curves, steps),
         "test_accuracy": curves.final_accuracy,
     }
 
@@ -74,42 +75,50 @@ def run(config: LabConfig) -> Result:
     depth = 10
     steps = config.pick(100, 600)
     dataset = data.digits(config.seed)
-    runs = {act: act_run(act, dataset, depth, steps, config.seed) for act in ACTS}
-    ratio = {a: r["first_over_last"] for a, r in runs.items()}
-    loss = {a: r["final_loss"] for a, r in runs.items()}
+    seeds = stats.comparison_seeds(config)
+    runs = {act: [act_run(act, dataset, depth, steps, s) for s in seeds] for act in ACTS}
+    log_ratio = {a: stats.each(v, "log10_first_over_last") for a, v in runs.items()}
+    losses = {a: stats.each(v, "final_loss") for a, v in runs.items()}
+    ratio = {a: 10 ** statistics.fmean(v) for a, v in log_ratio.items()}
+    loss = {a: statistics.fmean(v) for a, v in losses.items()}
+    cmp: dict[str, dict] = {}
     checks = {
-        "ReLU's slope is exactly 1 on every positive pre-activation (autograd)": runs["relu"][
-            "slope_exactly_1_on_positive"
-        ],
-        "ReLU family: first/last-layer gradient ratio at step 0 within 10x of 1": all(
-            0.1 <= ratio[a] <= 10 for a in RELU_FAMILY
+        "ReLU's slope is exactly 1 on every positive pre-activation (autograd), every seed": all(
+            r["slope_exactly_1_on_positive"] for r in runs["relu"]
+        ),
+        "ReLU family: first/last-layer gradient ratio at step 0 within 10x of 1, every seed": all(
+            abs(v) <= 1 for a in RELU_FAMILY for v in log_ratio[a]
         ),
     }
     for s in SATURATING:
-        checks[f"ReLU family keeps more gradient at layer 1 than {s}"] = all(
-            ratio[a] > ratio[s] for a in RELU_FAMILY
-        )
-        checks[f"ReLU family reaches a lower training loss than {s}"] = all(
-            loss[a] < loss[s] for a in RELU_FAMILY
-        )
+        for a in RELU_FAMILY:
+            cmp[f"log10_ratio_{a}_minus_{s}"] = stats.compare(
+                log_ratio[a], log_ratio[s], margin=LOG_MARGIN
+            )
+            cmp[f"loss_{s}_minus_{a}"] = stats.compare(losses[s], losses[a], margin=LOSS_MARGIN)
+        checks[
+            f"ReLU family keeps more gradient at layer 1 than {s} (log10 ratio higher by more "
+            f"than {LOG_MARGIN:g} and the seeds' spread)"
+        ] = all(cmp[f"log10_ratio_{a}_minus_{s}"]["outcome"] == "a > b" for a in RELU_FAMILY)
+        checks[
+            f"ReLU family reaches a lower training loss than {s} (by more than {LOSS_MARGIN:g} "
+            "and the seeds' spread)"
+        ] = all(cmp[f"loss_{s}_minus_{a}"]["outcome"] == "a > b" for a in RELU_FAMILY)
     verdict = judge(checks)
 
-    fig, (ax_g, ax_l) = plotting.figure(2, width=4.2)
-    for k, (act, r) in enumerate(runs.items()):
-        plotting.profile(ax_g, range(1, depth + 2), r["grad_profile"], label=act, color=f"C{k}")
-        plotting.profile(ax_l, range(1, len(r["loss"]) + 1), r["loss"], label=act, color=f"C{k}")
-    plotting.label(ax_g, "gradient at step 0", "Linear layer (input side = 1)", "||dL/dW_l||")
-    plotting.label(ax_l, "training loss", "SGD step", "cross-entropy")
+    fig, _, _ = plotting.profile_and_loss(runs, profile_title="gradient at step 0")
 
+    def mean_of(key: str) -> dict[str, float]:
+        return {a: statistics.fmean(stats.each(v, key)) for a, v in runs.items()}
+
+    slope, share = mean_of("mean_slope"), mean_of("share_positive")
     return Result(
-        name=NAME,
-        claims=["R2"],
-        title=TITLE,
         setup=(
             f"Digits; MLP {dataset.n_features}-64x{depth}-10 with each activation, weights "
             "N(0, gain^2/fan_in) with the activation's own recommended gain "
             "(gradmedic.init.apply(model, 'he'): sqrt(2) for the ReLU family, 5/3 for tanh, 1 "
-            f"for sigmoid), same seed; SGD lr {LR}, momentum {MOMENTUM}, batch 128, {steps} "
+            f"for sigmoid), random seeds {seeds} (same weights' seed and batches for every "
+            f"activation); SGD lr {LR}, momentum {MOMENTUM}, batch 128, {steps} "
             "steps. Slopes phi'(z) measured by autograd on every hidden unit for the test "
             "images at initialization."
         ),
@@ -120,34 +129,41 @@ def run(config: LabConfig) -> Result:
         numbers={
             "depth": depth,
             "steps": steps,
-            "first_over_last": ratio,
-            "final_loss": loss,
-            "test_accuracy": {a: r["test_accuracy"] for a, r in runs.items()},
-            "mean_slope": {a: r["mean_slope"] for a, r in runs.items()},
-            "mean_slope_squared": {a: r["mean_slope_squared"] for a, r in runs.items()},
-            "share_positive": {a: r["share_positive"] for a, r in runs.items()},
+            "seeds": seeds,
+            "log10_first_over_last": {a: stats.summary(v) for a, v in log_ratio.items()},
+            "final_loss": {a: stats.summary(v) for a, v in losses.items()},
+            "comparisons": cmp,
+            "test_accuracy": {
+                a: stats.summary(stats.each(v, "test_accuracy")) for a, v in runs.items()
+            },
+            "mean_slope": slope,
+            "mean_slope_squared": mean_of("mean_slope_squared"),
+            "share_positive": share,
             "runs": runs,
             "checks": checks,
         },
         rule=(
-            "first_over_last = ||dL/dW_1|| / ||dL/dW_last|| at step 0; final_loss = mean "
-            "training loss over the last 10% of steps. Holds if all checks in numbers.checks "
-            "pass, partly if some do, does not hold if none do."
+            "Fixed before the run: first_over_last = ||dL/dW_1|| / ||dL/dW_last|| at step 0, "
+            "compared in log10; final_loss = mean training loss over the last 10% of steps. "
+            f"Over {len(seeds)} seeds (paired by seed), one value beats another when the mean "
+            f"difference exceeds the margin ({LOG_MARGIN:g} decades; {LOSS_MARGIN:g} nats) and "
+            "twice its standard error. Holds if all checks in numbers.checks pass, partly if "
+            "some do, does not hold if none do."
         ),
         verdict=verdict,
         explanation=(
-            "Mean phi'(z) over the hidden units: "
-            + ", ".join(f"{a} {r['mean_slope']:.2f}" for a, r in runs.items())
-            + ". First/last-layer gradient ratio: "
+            f"Means over {len(seeds)} seeds. Mean phi'(z) over the hidden units: "
+            + ", ".join(f"{a} {v:.2f}" for a, v in slope.items())
+            + ". First/last-layer gradient ratio (geometric mean): "
             + ", ".join(f"{a} {v:.2g}" for a, v in ratio.items())
             + ". Final loss: "
             + ", ".join(f"{a} {v:.3f}" for a, v in loss.items())
             + ". ReLU's slope is exactly 1 on its active units "
-            f"({runs['relu']['share_positive']:.0%} of them) and 0 on the rest, so per layer "
+            f"({share['relu']:.0%} of them) and 0 on the rest, so per layer "
             "it keeps E[phi'^2] = 1/2 of the "
             "gradient's power; it is the He gain sqrt(2) in the weights that restores it. Tanh "
             "with its own gain 5/3 is close to critical at this depth, so the comparison with "
-            "tanh turns on the init, not on the slope alone."
+            "tanh turns on the init, not on the slope alone." + stats.seed_note(config, seeds)
         ),
         figures={"profiles_and_training": fig},
     )

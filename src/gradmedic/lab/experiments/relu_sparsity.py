@@ -100,9 +100,6 @@ def run(config: LabConfig) -> Result:
 
     unit_init, unit_trained = measured["init"]["unit"], measured["trained"]["unit"]
     return Result(
-        name=NAME,
-        claims=["R3"],
-        title=TITLE,
         setup=(
             f"ReLU MLP {dataset.n_features}-{width}x{depth}-10, He init (gradmedic.init.apply), "
             f"on the digits test images; measured at initialization and after {steps} Adam "

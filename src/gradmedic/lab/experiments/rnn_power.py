@@ -113,23 +113,13 @@ def run(config: LabConfig) -> Result:
     shown = slice(0, 300)  # enough points to see the pattern, a small SVG
     lim = [0, float(max(s_maxes[shown].max(), measured[shown].max()))]
     ax.plot(lim, lim, "k:", linewidth=1, label="rate = predictor")
-    ax.scatter(
-        s_maxes[shown],
-        measured[shown],
-        s=5,
-        alpha=0.5,
-        color="C0",
-        label="vs largest singular value",
-    )
-    ax.scatter(
-        rhos[shown],
-        measured[shown],
-        s=9,
-        alpha=0.8,
-        color="C1",
-        marker="x",
-        label="vs spectral radius",
-    )
+    styles: list[dict[str, Any]] = [{"s": 5, "alpha": 0.5}, {"s": 9, "alpha": 0.8, "marker": "x"}]
+    for k, (predictor, name) in enumerate(
+        ((s_maxes, "largest singular value"), (rhos, "spectral radius"))
+    ):
+        ax.scatter(
+            predictor[shown], measured[shown], color=f"C{k}", label=f"vs {name}", **styles[k]
+        )
     plotting.label(ax, f"measured rate per step, {n_mat} random W_h", "predictor", "measured rate")
 
     return Result(

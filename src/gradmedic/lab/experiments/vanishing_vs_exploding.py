@@ -157,7 +157,7 @@ def run(config: LabConfig) -> Result:
     plotting.label(
         ax,
         "input/output gradient ratio",
-        f"depth (triangles: {n_off} off-scale at the edge, incl. ratios 0 and inf)",
+        f"depth (triangles: {n_off} off-scale, incl. 0 and inf)",
         "log10 ||dL/dz_1|| / ||dL/dz_L||",
     )
 

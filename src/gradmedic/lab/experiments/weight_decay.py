@@ -69,7 +69,7 @@ def run(config: LabConfig) -> Result:
     depth = 6
     steps = config.pick(150, 1000)
     dataset = data.digits(config.seed)
-    seeds = stats.seeds(config)
+    seeds = stats.comparison_seeds(config)
     runs = {d: [decay_run(d, dataset, depth, steps, s) for s in seeds] for d in DECAYS}
 
     def per(key: str, fn=lambda v: v) -> dict[float, list[float]]:  # noqa: ANN001
@@ -115,9 +115,6 @@ def run(config: LabConfig) -> Result:
 
     key = {d: "decay_" + (f"{d:.0e}".replace("e-0", "e-") if d else "0") for d in DECAYS}
     return Result(
-        name=NAME,
-        claims=["R5"],
-        title=TITLE,
         setup=(
             f"Digits; ReLU MLP {dataset.n_features}-64x{depth}-10, He init; SGD lr {LR}, "
             f"momentum {MOMENTUM}, batch 128, {steps} steps, with L2 weight decay "
@@ -169,7 +166,7 @@ def run(config: LabConfig) -> Result:
             + ", ".join(f"{d:g}: {mean(gmax, d):.2f}" for d in DECAYS)
             + "). The decay bounds the product through the norms; whether that also lowers the "
             "gradient depends on the data term: a net held to small weights fits the data less "
-            "well, its loss stays higher and so can its gradient."
+            "well, its loss stays higher and so can its gradient." + stats.seed_note(config, seeds)
         ),
         figures={"spectra_and_gradients": fig},
     )
