@@ -353,7 +353,7 @@ def test_a_short_run_compresses_the_warmup_of_the_full_run():
 
     def by_hand(total_iters):
         # the harness's loop written out: seeded model and batches, LinearLR warmup
-        from gradmedic.autorepair.setup import train_batches
+        from gradmedic.autorepair.problem import train_batches
 
         torch.manual_seed(0)
         model = nn.Linear(3, 1)

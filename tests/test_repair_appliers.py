@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gradmedic.autorepair import appliers
+from gradmedic.autorepair.problem import Budget, Metric, Setup, as_metric, train_batches
 from gradmedic.autorepair.search import _fused
-from gradmedic.autorepair.setup import Budget, Metric, Setup, as_metric, train_batches
 from gradmedic.autorepair.snippet import snippet
 from gradmedic.autorepair.train import make_optimizer
 from gradmedic.autorepair.truncate import truncated_bptt

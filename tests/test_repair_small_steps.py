@@ -76,7 +76,7 @@ def test_too_small_lr_is_diagnosed_from_a_real_run_with_its_own_ratios():
     torch.manual_seed(0)
     model = setup.fresh_model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-5)
-    from gradmedic.autorepair.setup import train_batches
+    from gradmedic.autorepair.problem import train_batches
 
     batches = train_batches(setup.data[0], 64, torch.Generator().manual_seed(0))
     per_layer: list[list[float]] = [[], [], []]  # the three Linear layers
@@ -111,7 +111,7 @@ def test_raise_lr_and_warmup_appliers_match_a_plain_loop():
     )
     out = train(setup, [catalog.raise_lr(10.0), catalog.warmup(0.1, 5)], budget=Budget(steps=8))
     # by hand: SGD at lr 0.1 ramped linearly from 0.01 over 5 steps
-    from gradmedic.autorepair.setup import train_batches
+    from gradmedic.autorepair.problem import train_batches
 
     torch.manual_seed(0)
     model = setup.fresh_model()

@@ -18,7 +18,7 @@ import pytest
 from gradmedic.lab import runner
 from gradmedic.lab.base import LabConfig
 from gradmedic.lab.claims import CLAIMS
-from gradmedic.report.html import write_report
+from gradmedic.report.lab_page import write_report
 
 # Browser-marked tests skip without Chromium, except under CI=true where they fail (conftest).
 pytestmark = pytest.mark.browser
@@ -134,7 +134,10 @@ def test_selfcheck_reports_an_empty_panel(chromium, tmp_path):
     full.plot([1, 2, 3], [1, 4, 9])
     full.bar([1, 2], [3, 4])
     empty.set_title("nothing here")
-    result = Result("exp", ["K1"], "t", "s", "e", {}, "r", Verdict.HOLDS, figures={"f": fig})
+    result = Result(
+        "s", "e", {}, "r", Verdict.HOLDS, name="exp", claims=["K1"], title="t",
+        figures={"f": fig},
+    )  # fmt: skip
     index = write_report([result], tmp_path / "report")
     dom, _ = _open(chromium, index, tmp_path / "profile")
     page = _DomReader()

@@ -12,7 +12,7 @@ from gradmedic.errors import GradmedicError
 from gradmedic.lab import plotting
 from gradmedic.lab.base import LabConfig, Result, Verdict
 from gradmedic.lab.claims import CLAIMS
-from gradmedic.report.html import claims_table, flatten, inline_svg, load_results, write_report
+from gradmedic.report.lab_page import claims_table, flatten, inline_svg, load_results, write_report
 
 
 def _fig(values):
@@ -242,7 +242,7 @@ def test_contents_summary_sources_and_back_to_top(tmp_path):
 
 
 def test_previous_seconds_only_from_a_run_like_this_one(tmp_path):
-    from gradmedic.report.html import previous_seconds
+    from gradmedic.report.lab_page import previous_seconds
 
     config = LabConfig(quick=True, seed=3)
     results = _results()

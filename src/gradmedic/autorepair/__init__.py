@@ -12,9 +12,9 @@ to the package and shadow the function.
 from __future__ import annotations
 
 from gradmedic.autorepair.appliers import TrainSettings
+from gradmedic.autorepair.problem import Budget, Metric, Setup
 from gradmedic.autorepair.result import Candidate, RepairResult
 from gradmedic.autorepair.search import Progress, repair
-from gradmedic.autorepair.setup import Budget, Metric, Setup
 from gradmedic.autorepair.snippet import snippet
 from gradmedic.autorepair.train import TrainOutcome, train
 

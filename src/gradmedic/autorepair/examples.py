@@ -21,7 +21,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from gradmedic.autorepair.setup import Setup
+from gradmedic.autorepair.problem import Setup
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 

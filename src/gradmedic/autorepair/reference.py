@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradmedic.autorepair.setup import Metric, Setup, train_batches, val_batches
+from gradmedic.autorepair.problem import Metric, Setup, train_batches, val_batches
 
 MARGIN = 0.2
 _TRAIN_BATCHES = 200  # enough of a loader's targets to estimate class frequencies or a mean
@@ -60,7 +60,7 @@ def needed(metric: Metric, value: float, margin: float = MARGIN) -> float:
     """The score ``margin`` of the way from ``value`` to the metric's best.
 
     Example:
-        >>> from gradmedic.autorepair.setup import ACCURACY
+        >>> from gradmedic.autorepair.problem import ACCURACY
         >>> round(needed(ACCURACY, 0.1), 6)
         0.28
     """

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from gradmedic.autorepair.problem import Budget, Metric, Setup
 from gradmedic.autorepair.reference import Reference
-from gradmedic.autorepair.setup import Budget, Metric, Setup
 from gradmedic.findings import Diagnosis, Remedy, _plain
 
 

@@ -50,9 +50,9 @@ from gradmedic.autorepair.plan import (
     ranked_pool,
     whole_catalog_extra,
 )
+from gradmedic.autorepair.problem import Budget, Metric, OptimizerFactory, Setup, val_batches
 from gradmedic.autorepair.reference import Reference, reference
 from gradmedic.autorepair.result import Candidate, RepairResult, describe, format_metric
-from gradmedic.autorepair.setup import Budget, Metric, OptimizerFactory, Setup, val_batches
 from gradmedic.autorepair.snippet import snippet
 from gradmedic.autorepair.train import TrainOutcome, build, first_batch, preflight, train
 from gradmedic.findings import Finding, Remedy

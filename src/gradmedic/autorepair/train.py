@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradmedic.autorepair.appliers import TrainSettings, apply_model, settings_for
-from gradmedic.autorepair.setup import Budget, Setup, train_batches, val_batches
+from gradmedic.autorepair.problem import Budget, Setup, train_batches, val_batches
 from gradmedic.autorepair.truncate import truncated_bptt
 from gradmedic.findings import Diagnosis, Remedy
 from gradmedic.layers import has_recurrent

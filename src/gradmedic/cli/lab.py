@@ -61,7 +61,7 @@ def lab(
     """
     from gradmedic.lab import data, runner
     from gradmedic.lab.base import LabConfig, Verdict
-    from gradmedic.report.html import previous_seconds, write_report
+    from gradmedic.report.lab_page import previous_seconds, write_report
 
     console = Console()
     with user_errors():
@@ -184,7 +184,7 @@ def _print_summary(console: Console, results: list[Result], wall: float, jobs: i
         table.add_row(r.name, ", ".join(r.claims), verdict, f"{r.seconds:.1f}")
     console.print(table)
     total = sum(r.seconds for r in results)
-    from gradmedic.report.html import verdict_counts
+    from gradmedic.report.lab_page import verdict_counts
 
     tally = ", ".join(f"{n} {v}" for v, n in verdict_counts(results))
     console.print(

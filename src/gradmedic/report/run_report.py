@@ -54,7 +54,7 @@ def write_run_report(
         The path of ``index.html``.
     """
     from gradmedic.lab.plotting import to_svg
-    from gradmedic.report.html import inline_svg, report_folder
+    from gradmedic.report.lab_page import inline_svg, report_folder
 
     out = report_folder(out_dir)
     rows = [r for r in rows if not r.get("skipped")]
