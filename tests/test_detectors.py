@@ -185,6 +185,19 @@ def test_adam_first_step_alone_does_not_fire():
     assert diagnose_rows(rows).healthy
 
 
+def test_sustained_rule_is_per_layer_when_the_layers_are_measured_in_turn():
+    # The update probe may measure one group of layers per record: "a" every third record.
+    pattern = [{"a": 0.5}, {"b": 0.01}, {"c": 0.01}]
+    rows = [{"step": s, "update_ratio": pattern[s % 3]} for s in range(9)]
+    f = diagnose_rows(rows).findings[0]
+    # a's 3rd measurement is at step 6: the median of its last ones is 0.5 >= 0.3, while
+    # the median of the records' maxima over any 5 records is 0.01
+    assert f.evidence["rule"] == "sustained" and f.step == 6 and f.layers[0] == "a"
+    assert f.evidence["update_ratio"] == pytest.approx(0.5)
+    assert not diagnose_rows([{**r, "update_ratio": {"a": 0.2}} if r["step"] % 3 == 0 else r
+                              for r in rows]).findings  # fmt: skip
+
+
 def test_nan_update_ratio_counts_as_a_spike():
     f = diagnose_rows([{"step": 0, "update_ratio": {"a": float("nan")}}]).findings[0]
     assert f.problem is Problem.UNSTABLE_UPDATES

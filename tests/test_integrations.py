@@ -19,6 +19,20 @@ def sigmoid_stack(depth: int = 20, width: int = 16) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 1))
 
 
+class HFModel(nn.Module):
+    """A sigmoid stack that returns its loss the way Hugging Face models do."""
+
+    def __init__(self, depth: int = 20, seed: int | None = None) -> None:
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.net = sigmoid_stack(depth=depth)
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
 def test_lightning_callback(tmp_path) -> None:
     pl = pytest.importorskip("lightning.pytorch")
     from gradmedic.integrations.lightning import GradmedicCallback
@@ -67,15 +81,6 @@ def test_transformers_trainer_callback(tmp_path) -> None:
     pytest.importorskip("accelerate")
     from gradmedic.integrations.transformers import GradmedicTrainerCallback
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = sigmoid_stack()
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
-
     data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(48)]
     sink = tmp_path / "hf.jsonl"
     callback = GradmedicTrainerCallback(sink=sink)
@@ -92,7 +97,7 @@ def test_transformers_trainer_callback(tmp_path) -> None:
         disable_tqdm=True,
     )
     trainer = transformers.Trainer(
-        model=Model(), args=args, train_dataset=data, callbacks=[callback]
+        model=HFModel(), args=args, train_dataset=data, callbacks=[callback]
     )
     trainer.train()
     _header, rows = load_history(sink)
@@ -196,15 +201,6 @@ def test_transformers_series_reach_every_report_to_backend(tmp_path, capsys) -> 
     pytest.importorskip("tensorboard")
     from gradmedic.integrations.transformers import GradmedicTrainerCallback
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = sigmoid_stack(depth=12)
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
-
     data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(64)]
     sink = tmp_path / "hf.jsonl"
     callback = GradmedicTrainerCallback(sink=sink)
@@ -214,7 +210,7 @@ def test_transformers_series_reach_every_report_to_backend(tmp_path, capsys) -> 
         use_cpu=True, save_strategy="no", learning_rate=1e-2, disable_tqdm=True,
     )  # fmt: skip
     trainer = transformers.Trainer(
-        model=Model(), args=args, train_dataset=data, callbacks=[callback]
+        model=HFModel(depth=12), args=args, train_dataset=data, callbacks=[callback]
     )
     trainer.train()
     _header, rows = load_history(sink)
@@ -235,16 +231,6 @@ def test_transformers_checkpoints_keep_the_records_and_a_resume_continues_them(t
     pytest.importorskip("accelerate")
     from gradmedic.integrations.transformers import STATE_FILE, GradmedicTrainerCallback
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = sigmoid_stack()
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
-
     torch.manual_seed(1)
     data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(96)]
 
@@ -255,7 +241,7 @@ def test_transformers_checkpoints_keep_the_records_and_a_resume_continues_them(t
             save_steps=2, learning_rate=1e-2, disable_tqdm=True,
         )  # fmt: skip
         trainer = transformers.Trainer(
-            model=Model(), args=args, train_dataset=data, callbacks=[callback]
+            model=HFModel(seed=0), args=args, train_dataset=data, callbacks=[callback]
         )
         trainer.train(resume_from_checkpoint=resume)
 

@@ -55,19 +55,18 @@ def judge(points: Sequence[RatioPoint], config: DiagnosisConfig) -> list[tuple[s
     """
     need = min(config.update_window, 3)
     seen: dict[str, list[float]] = {}
+    medians: dict[str, float] = {}  # per layer, over its last measurements (once it has enough)
     out: list[tuple[str | None, float]] = []
     for p in points:
         for name, value in p.ratios.items():
-            seen.setdefault(name, []).append(value)
+            values = seen.setdefault(name, [])
+            values.append(value)
+            if len(values) >= need:  # only the layers this record measured change
+                medians[name] = statistics.median(values[-config.update_window :])
         if p.value >= config.update_ratio_spike:
             out.append(("spike", p.value))
             continue
-        medians = [
-            statistics.median(values[-config.update_window :])
-            for values in seen.values()
-            if len(values) >= need
-        ]
-        median = max(medians, default=0.0)
+        median = max(medians.values(), default=0.0)
         if median >= config.update_ratio_sustained:
             out.append(("sustained", median))
         else:
