@@ -154,6 +154,16 @@ def test_lightning_script_is_watched(tmp_path) -> None:
     assert all(isinstance(r.get("loss"), float) for r in rows)
 
 
+def test_a_compiled_model_under_autocast_is_watched_and_saved(tmp_path) -> None:
+    # The global forward pre-hook must stay out of Dynamo's trace of the compiled forward.
+    out, saved = tmp_path / "out", tmp_path / "model.pt"
+    assert run_script(SCRIPTS / "compiled_amp.py", [str(saved)], out=out, sink=None) == 0
+    assert _diagnosis(out)["coverage"]["steps"] == 4
+    assert "vanishing" in _problems(out)
+    model = torch.load(saved, weights_only=False)
+    assert isinstance(model, nn.Sequential) and not model._forward_hooks
+
+
 def test_sys_exit_code_and_torch_save_survive(tmp_path) -> None:
     out = tmp_path / "out"
     model = tmp_path / "model.pt"

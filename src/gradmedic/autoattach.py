@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradmedic.hooks import compiling
 from gradmedic.monitor import Monitor, find_monitor
 from gradmedic.passes import PassWatch
 from gradmedic.private import in_private_work
@@ -200,6 +201,8 @@ class AutoAttach:
             self._guard(w, lambda: self._maybe_step(w))
 
     def _forward(self, module: nn.Module, inputs: Any) -> None:
+        if compiling():
+            return  # inside a torch.compile graph: the compiled module's eager call was seen
         if in_private_work():
             return  # gradmedic's own copies (the preflight's trial steps)
         if module in self._seen:
