@@ -296,6 +296,22 @@ def test_a_trial_that_learns_is_healthy_and_a_flat_one_on_learnable_data_is_smal
     assert "first 300 steps" in f.explanation and "200" in f.explanation
 
 
+def test_a_stall_after_a_blow_up_is_an_overshoot_not_small_steps():
+    # Inside the limit at init and after the trial (sharpness 1 << 200), but the loss jumped
+    # to 30x its start at step 5 (>= loss_rise**2 = 9x) and then stalled: the steps overshot.
+    spiked = [2.0] * 5 + [60.0] + [2.0] * 294
+    j = _judged(spiked)
+    assert j.verdict == "no_fit" and j.rose == 5
+    f = j.finding()
+    assert f is not None and f.problem == Problem.UNSTABLE_UPDATES
+    cut = next(r for r in f.remedies if r.name == "lower_lr")
+    assert cut.params["factor"] == 0.1  # no curvature-sized cut: the stable lr is above lr
+    assert "step 5" in f.explanation and "raise_lr" not in [r.name for r in f.remedies]
+    below = [2.0] * 5 + [17.0] + [2.0] * 294  # 8.5x: under the level, still a stall
+    assert _judged(below).rose is None
+    assert _judged(below).finding().problem == Problem.SMALL_STEPS
+
+
 def test_a_flat_trial_on_random_labels_is_no_finding():
     assert _judged([2.0] * 300, headroom=1.2).verdict == "healthy"
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from gradmedic.curvature import Limit, sharpness, stability_limit
+from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.small_steps import raise_factor
 from gradmedic.errors import GradmedicError
 from gradmedic.findings import Finding, Problem, Remedy, Severity
@@ -164,6 +165,19 @@ class StepJudgement:
         return max(values) if values else math.nan
 
     @property
+    def rose(self) -> int | None:
+        """The first trial step whose loss reached the critical divergence level (None: never).
+
+        That level is ``loss_rise ** 2`` times the reference (9x with the default
+        :class:`~gradmedic.diagnose.DiagnosisConfig`, where ``watch()`` calls a
+        divergence critical). Steps too short to learn never lift the loss there: a
+        stalled trial that did overshot, although the curvature at init and after the
+        trial may both sit inside the limit (the steps made it grow in between).
+        """
+        level = DiagnosisConfig().loss_rise ** 2 * self.reference
+        return next((k for k, v in enumerate(self.trial_losses) if v >= level), None)
+
+    @property
     def learnable(self) -> bool:
         """A linear model learns the examples (its held-apart loss beats the constant's)."""
         return self.headroom <= 1 - STALL
@@ -246,8 +260,8 @@ class StepJudgement:
         verdict = self.verdict
         if verdict == "healthy":
             return None
-        if verdict == "no_fit" and not self.sharpest > self.limit.limit:
-            return _small_steps(self)
+        if verdict == "no_fit" and not self.sharpest > self.limit.limit and self.rose is None:
+            return _small_steps(self)  # a stall without overshoot: steps too short
         return _finding(self)
 
 
@@ -451,7 +465,14 @@ def _finding(j: StepJudgement) -> Finding:
         head = _trial_text(j) + (". " + _sharpness_text(j) if j.judged else "")
         head = head[0].upper() + head[1:]
     safe = j.largest_safe_lr
-    known = math.isfinite(safe)
+    known = math.isfinite(safe) and safe < j.lr  # a stable lr above this one sizes no cut
+    rose = j.rose
+    if rose is not None and not j.sharpest > lim.limit:
+        head += (
+            f". At trial step {rose} the loss reached {j.trial_losses[rose]:.3g}, over "
+            f"{DiagnosisConfig().loss_rise ** 2:g}x the start, while the curvature at init and "
+            "after the trial is inside the limit: the steps made it grow in between"
+        )
     text = (
         f"{head}: {_WHY[verdict]}. "
         + (f"The largest stable lr for this curvature is {safe:.3g}. " if known else "")
