@@ -92,6 +92,16 @@ def _slow(losses: list[float]) -> list[dict]:
     ]
 
 
+def _in_time(gain: float, steps: int) -> list[dict]:
+    """One record of a plain RNN whose ``||dL/dh_t||`` grows ``gain`` per step back."""
+    entry = {
+        "kind": "rnn", "nonlinearity": "relu", "seq_len": steps, "num_layers": 1,
+        "dh_norm": [gain ** (steps - 1 - t) for t in range(steps)],
+        "sigma_max": 3.0, "spectral_radius": 3.0,
+    }  # fmt: skip
+    return [{"recurrent": {"rnn": {**entry, "streams": {"l0": entry}}}}]
+
+
 def problems(d) -> list[tuple[str, str]]:
     return sorted((f.problem.value, f.severity.value) for f in d.findings)
 
@@ -110,9 +120,9 @@ def vanishing_remedies(d) -> list[str]:
 
 
 # fmt: off
-V, X, DEAD, SAT, U, DIV, SMALL = (
+V, X, DEAD, SAT, U, DIV, SMALL, EIT = (
     "vanishing", "exploding", "dead_units", "saturation", "unstable_updates", "divergence",
-    "small_steps",
+    "small_steps", "exploding_in_time",
 )
 W, C = "warning", "critical"
 SAT_BY_SLOPE = [0.1, 0.2, 0.6, 0.7, 0.8]
@@ -184,6 +194,8 @@ CASES: dict[str, tuple] = {
     "small_steps_loss": (_slow([1.0] * 10 + [0.85] * 10), 0.8, problems, [], [(SMALL, W)]),
     # 1e-5 -> 1e-2 is 1000x: capped at the bounds' top
     "lr_raise_bounds": (_slow([1.0] * 20), (3.0, 5.0), raise_factor, 100.0, 5.0),
+    # a recurrent gradient growing 2.2x per step over 5 steps: exploding at 2x, not at 3x
+    "exploding_step_gain": (_in_time(2.2, 5), 3.0, problems, [(EIT, W)], []),
     # knowing that a Sigmoid follows each layer adds its swap to the vanishing cures
     "context": (
         [{"delta_norm": _geometric(1e-4)}],

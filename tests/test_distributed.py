@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradmedic
+import ranks
 from gradmedic.history import load_history
 
 pytestmark = pytest.mark.slow
@@ -30,9 +28,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    ranks.init(rank, world, port)
     model = nn.parallel.DistributedDataParallel(_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _data()
@@ -41,17 +37,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         opt.zero_grad()
         nn.functional.mse_loss(model(xs), ys).backward()
         opt.step()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ranks.finish()
 
 
 def test_ddp_records_the_global_gradient(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks.spawn(_worker, 2, str(tmp_path))
     model = _model()
     x, y = _data()
     nn.functional.mse_loss(model(x), y).backward()  # the full batch in one process
@@ -64,9 +54,7 @@ def test_ddp_records_the_global_gradient(tmp_path) -> None:
 
 def _accumulating_worker(rank: int, world: int, port: int, out: str) -> None:
     """Two micro-batches per step, the first under ``no_sync`` (gradient accumulation)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    ranks.init(rank, world, port)
     model = nn.parallel.DistributedDataParallel(_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _data()
@@ -78,11 +66,11 @@ def _accumulating_worker(rank: int, world: int, port: int, out: str) -> None:
                 nn.functional.mse_loss(model(micro[0][0]), micro[0][1]).div(2).backward()
             nn.functional.mse_loss(model(micro[1][0]), micro[1][1]).div(2).backward()
             opt.step()
-    dist.destroy_process_group()
+    ranks.finish()
 
 
 def test_ddp_gradient_accumulation_records_the_global_gradient_once_per_step(tmp_path) -> None:
-    mp.spawn(_accumulating_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks.spawn(_accumulating_worker, 2, str(tmp_path))
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _data()

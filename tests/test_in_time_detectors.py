@@ -17,6 +17,7 @@ from gradmedic.diagnose.in_time import horizon, log_gain, processing_order, time
 from gradmedic.diagnose.vanishing_in_time import detect as detect_vanishing
 from gradmedic.diagnose.vanishing_in_time import forget_bias_for
 from gradmedic.findings import Problem, Severity
+from gradmedic.probes.recurrent import SAMPLED_SEQUENCES
 
 CONFIG = DiagnosisConfig()
 
@@ -197,6 +198,50 @@ def test_threshold_is_a_thousandfold_decay_within_the_sequence():
     (f,) = detect_exploding([row(geometric(2e3))], CONFIG)
     assert f.severity is Severity.WARNING
     assert f.evidence["per_step_gain"] == pytest.approx(2e3 ** (1 / 49), rel=1e-9)
+
+
+def test_a_doubling_per_step_explodes_however_short_the_sequence():
+    # 5 steps at 2.2x per step: 23x across the sequence, far under 1e3, but the factor is
+    # W_hh's: a sequence of 10 steps would pass 1e3
+    (f,) = detect_exploding([row(geometric(2.2**4, steps=5))], CONFIG)
+    assert f.severity is Severity.WARNING
+    assert f.evidence["per_step_gain"] == pytest.approx(2.2, rel=1e-9)
+    assert "passes 1e3 in a sequence of 10 steps" in f.explanation  # 2.2^9 > 1e3 > 2.2^8
+    assert "truncate_bptt" not in [r.name for r in f.remedies]  # 8 steps > the 5 there are
+    assert detect_exploding([row(geometric(1.9**4, steps=5))], CONFIG) == []
+    assert detect_exploding([row(geometric(2.2**2, steps=3))], CONFIG) == []  # too few to fit
+
+
+def test_relu_rnn_of_radius_three_and_a_half_on_five_steps_is_caught_before_training():
+    torch.manual_seed(0)
+    rnn = scaled_orthogonal(nn.RNN(2, 32, nonlinearity="relu", batch_first=True), 3.5)
+    head = nn.Linear(32, 1)
+    x, y = torch.randn(64, 5, 2), torch.randn(64, 1)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = rnn, head
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(inputs)[0][:, -1])
+
+    (finding,) = in_time(gradmedic.check(Model(), x, y, nn.MSELoss()))
+    assert finding.problem is Problem.EXPLODING_IN_TIME
+    # independently: unroll the same RNN by hand and read ||dL/dh_t|| from autograd
+    w_ih, w_hh, b = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0
+    h, states = torch.zeros(64, 32), []
+    for t in range(5):
+        h = torch.relu(x[:, t] @ w_ih.T + h @ w_hh.T + b)
+        h.retain_grad()
+        states.append(h)
+    nn.functional.mse_loss(head(h), y).backward()
+    # the probe unrolls the first SAMPLED_SEQUENCES sequences of the batch
+    norms = [float(s.grad[:SAMPLED_SEQUENCES].norm()) for s in states]
+    assert finding.evidence["profile"] == pytest.approx(norms, rel=1e-5)
+    gain = finding.evidence["per_step_gain"]
+    assert gain == pytest.approx(fitted_gain(np.array(norms)), rel=1e-5)
+    assert gain >= 2.0 and finding.evidence["total_gain"] < 1e3
 
 
 def test_reverse_stream_is_read_in_its_processing_order():

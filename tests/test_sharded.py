@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradmedic
+import ranks
 from gradmedic.diagnose import diagnose_rows
 from gradmedic.history import load_history
 
@@ -72,12 +70,6 @@ def _reference(clip: bool = False) -> tuple[list[dict[str, Any]], list[dict[str,
 # ---------------------------------------------------------------- workers
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-
-
 def _tp_plan() -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -118,7 +110,7 @@ def _build(setup: str, rank: int, world: int) -> tuple[nn.Module, int, int]:
 
 
 def _worker(rank: int, world: int, port: int, setup: str, out: str) -> None:
-    _init(rank, world, port)
+    ranks.init(rank, world, port)
     model, dp_rank, dp_size = _build(setup, rank, world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = os.path.join(out, "rank{rank}.jsonl")
@@ -136,11 +128,7 @@ def _worker(rank: int, world: int, port: int, setup: str, out: str) -> None:
     if setup != "fsdp1":  # FSDP1 clips with its own model.clip_grad_norm_
         result = _clip_against_torch(model, x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank])
         Path(out, f"clip{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Results are on disk: leave without interpreter teardown, where gloo's worker threads
-    # have intermittently aborted the process (SIGABRT) after a passing run.
-    os._exit(0)
+    ranks.finish()
 
 
 def _clip_against_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -194,23 +182,17 @@ def _torch_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(setup: str, world: int, tmp: Path) -> list[list[dict[str, Any]]]:
-    mp.spawn(_worker, args=(world, _free_port(), setup, str(tmp)), nprocs=world, join=True)
+    ranks.spawn(_worker, world, setup, str(tmp))
     return [load_history(tmp / f"rank{r}.jsonl")[1] for r in range(world)]
 
 
 def _check(setup: str, world: int, tmp: Path) -> None:
-    ranks = _run(setup, world, tmp)
+    per_rank = _run(setup, world, tmp)
     clip = setup.endswith("_clip")
     ref_rows, autograd, after = _reference(clip)
     ref_findings = _findings(ref_rows)
-    for rank, rows in enumerate(ranks):
+    for rank, rows in enumerate(per_rank):
         assert len(rows) == STEPS, rank
         for row, ref, want in zip(rows, ref_rows, autograd, strict=True):
             for layer in ("0", "2", "4"):

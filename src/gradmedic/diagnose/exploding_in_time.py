@@ -2,7 +2,9 @@
 
 Fires when the gradient at the first processed step is more than ``exploding_gain``
 (1e3, the threshold of the depth detectors) times the last step's, fitted
-(``per_step_gain ** (T-1)``) or measured, or when the profile overflowed to inf.
+(``per_step_gain ** (T-1)``) or measured, when it grows at least
+``exploding_step_gain`` (2x) per step back over 4 or more steps (the factor is
+``W_hh``'s; a short sequence only hides it), or when the profile overflowed to inf.
 The weight gradient is a sum over steps, so the far past then dominates it by three
 orders of magnitude and a step sized for it throws the weights far off. Critical
 beyond ``severe_gain_decades`` (1e6) or on overflow: a million-fold amplification
@@ -42,11 +44,12 @@ def remedies(
         out.append(catalog.clip_norm(s.clip_norm, f"{s.clip_why} (R7)"))
     g = fit.per_step_gain
     steps = max(1, int(math.log(limit) / math.log(g))) if g > 1 else fit.seq_len
-    out.append(
-        catalog.truncate_bptt(
-            steps, f"at {g:.3g}x per step the gradient grows {sci(limit)}x in {steps} steps"
+    if steps < fit.seq_len:  # a window as long as the sequence truncates nothing
+        out.append(
+            catalog.truncate_bptt(
+                steps, f"at {g:.3g}x per step the gradient grows {sci(limit)}x in {steps} steps"
+            )
         )
-    )
     out.append(
         catalog.init_scheme(
             "orthogonal",
@@ -72,12 +75,20 @@ def explain(fit: TimeFit, limit: float) -> str:
     else:
         head = ""
     text = head or f"In {where}, "
+    g = fit.per_step_gain
     text += (
-        f"||dL/dh_t|| grows by a factor {fit.per_step_gain:.3g} per step going back in time "
+        f"||dL/dh_t|| grows by a factor {g:.3g} per step going back in time "
         f"(least-squares fit over {fit.seq_len} steps): the first step's gradient is "
-        f"{sci(fit.end_ratio)}x the last step's (fitted {sci(fit.total_gain)}x), above "
-        f"{sci(limit)}. "
+        f"{sci(fit.end_ratio)}x the last step's (fitted {sci(fit.total_gain)}x)"
     )
+    if max(fit.total_gain, fit.end_ratio) > limit or head:
+        text += f", above {sci(limit)}. "
+    else:
+        reach = math.ceil(math.log(limit) / math.log(g)) + 1
+        text += (
+            f"; at this rate it passes {sci(limit)} in a sequence of {reach} steps: the "
+            "factor belongs to the weights, and this sequence is only short. "
+        )
     sigma, rho = fit.sigma_max, fit.spectral_radius
     if sigma is not None and rho is not None:
         gamma = fit.gamma or 1.0
@@ -100,7 +111,7 @@ def explain(fit: TimeFit, limit: float) -> str:
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
     """One finding per recurrent module whose gradient grows back through the sequence."""
-    limit = config.exploding_gain
+    limit, step_gain = config.exploding_gain, config.exploding_step_gain
     severe = 10.0**config.severe_gain_decades
     findings = []
     for module, series, alone in module_series(rows, config):
@@ -109,10 +120,10 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
             last = -1
         points = []
         for p in series:
-            bad = any(explodes(f, limit) for f in p.fits)
+            bad = any(explodes(f, limit, step_gain) for f in p.fits)
             own = alone.get(p.index, p)
             growth = max(_growth(f) for f in own.fits)
-            if not bad and any(explodes(f, limit) for f in own.fits):
+            if not bad and any(explodes(f, limit, step_gain) for f in own.fits):
                 # as for depth: one record beyond the severe threshold, or the last one
                 # before the run turned non-finite, counts alone
                 bad = growth > severe or p.index == last
@@ -122,11 +133,12 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
             continue
         end = max(m.index for m in points if m.bad)
         at = next(p for p in series if p.index == end)
-        if not any(explodes(f, limit) for f in at.fits):
+        if not any(explodes(f, limit, step_gain) for f in at.fits):
             at = alone.get(end, at)  # the record that counted alone
         fits = list(at.fits)
         worst = max(
-            (f for f in fits if explodes(f, limit)), key=lambda f: (f.nonfinite, f.total_gain)
+            (f for f in fits if explodes(f, limit, step_gain)),
+            key=lambda f: (f.nonfinite, f.total_gain),
         )
         peak = ep.peak_value if ep.peak_value is not None else _growth(worst)
         critical = worst.nonfinite or peak > severe

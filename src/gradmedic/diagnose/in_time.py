@@ -107,11 +107,23 @@ class TimeFit:
         return out
 
 
-def explodes(fit: TimeFit, limit: float) -> bool:
-    """Whether the profile grows beyond ``limit`` within the sequence (or overflowed)."""
+def explodes(fit: TimeFit, limit: float, step_gain: float = math.inf) -> bool:
+    """Whether the profile grows beyond ``limit`` within the sequence (or overflowed).
+
+    Also when it grows at least ``step_gain`` per step over a profile of
+    :data:`MIN_STEPS` or more steps: the per-step factor belongs to ``W_hh``, not
+    to the sequence length, so a short sequence only hides it (at 2x per step
+    the gradient passes 1e3 in 10 steps).
+    """
     if fit.nonfinite and any(v == math.inf for v in fit.profile):
         return True
+    if fit.per_step_gain >= step_gain and fit.seq_len >= MIN_STEPS:
+        return True
     return fit.per_step_gain > 1 and (fit.total_gain > limit or fit.end_ratio > limit)
+
+
+MIN_STEPS = 4
+"""Fewest time steps whose fitted per-step gain is judged on its own."""
 
 
 def vanishes(fit: TimeFit, limit: float) -> bool:

@@ -119,7 +119,8 @@ def first_bad(rows: Rows, config: DiagnosisConfig) -> tuple[int, str] | None:
     if depth is not None:
         hits.append((depth.index, f"gradient exploding through depth ({sci(depth.total_gain)}x)"))
     for points in fit_series(rows, config, 1).values():
-        hit = next((p for p in points if any(explodes(f, limit) for f in p.fits)), None)
+        step_gain = config.exploding_step_gain
+        hit = next((p for p in points if any(explodes(f, limit, step_gain) for f in p.fits)), None)
         if hit is not None:
             hits.append((hit.index, "gradient exploding through time"))
     jump = next((p for p in ratio_points(rows) if p.value >= config.update_ratio_spike), None)
