@@ -460,13 +460,17 @@ def _run_cell(
     xi = F.linear(x, w_ih, b_ih)  # all input projections in one matmul
     if b_hh is not None and mode != "GRU":
         xi = xi + b_hh
+    # One view per time step, taken once: indexing the projections by t inside the loop
+    # makes the backward of every step zero-fill a gradient the size of all of them (they
+    # require grad above layer 0); those fills were 40% of an LSTM LM's recomputation.
+    steps = xi.unbind(0)
     order = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     hs: list[torch.Tensor] = []
     cs: list[torch.Tensor] = []
     gates: list[torch.Tensor] = []
     for t in order:
         if mode == "LSTM":
-            pre = torch.addmm(xi[t], h, w_hh_t)
+            pre = torch.addmm(steps[t], h, w_hh_t)
             i, f, _, o = torch.sigmoid(pre).chunk(4, dim=-1)
             c_prev = cast(torch.Tensor, c)  # an LSTM always carries a cell state
             c = torch.addcmul(f * c_prev, i, torch.tanh(pre[:, 2 * hidden : 3 * hidden]))
@@ -477,12 +481,12 @@ def _run_cell(
             gates.append(f.detach())
         elif mode == "GRU":
             gh = torch.mm(h, w_hh_t) if b_hh is None else torch.addmm(b_hh, h, w_hh_t)
-            r, z = torch.sigmoid(xi[t, :, : 2 * hidden] + gh[:, : 2 * hidden]).chunk(2, dim=-1)
-            n = torch.tanh(torch.addcmul(xi[t, :, 2 * hidden :], r, gh[:, 2 * hidden :]))
+            r, z = torch.sigmoid(steps[t][:, : 2 * hidden] + gh[:, : 2 * hidden]).chunk(2, dim=-1)
+            n = torch.tanh(torch.addcmul(steps[t][:, 2 * hidden :], r, gh[:, 2 * hidden :]))
             h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
             gates.append(z.detach())
         else:
-            pre = torch.addmm(xi[t], h, w_hh_t)
+            pre = torch.addmm(steps[t], h, w_hh_t)
             h = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
         hs.append(h)
     if reverse:
