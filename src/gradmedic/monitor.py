@@ -99,7 +99,7 @@ class Monitor:
             an int ``n`` samples one step in ``n`` (the first one included),
             True every recorded step, False never.
         recurrent: Record ||dL/dh_t|| per time step of RNN/LSTM/GRU modules (on
-            up to 8 sequences of the batch), on one step in ``n`` (True: every
+            up to 4 sequences of the batch), on one step in ``n`` (True: every
             recorded step, False: never).
         spectra: Record the largest singular value of each layer's weight, on
             one recorded step in ``update_every`` (True) or in ``n``.

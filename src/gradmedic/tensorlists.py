@@ -101,6 +101,28 @@ def abs_maxes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Te
     return torch.maximum(lo_v.neg(), hi_v)
 
 
+def mean_std(values: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population standard deviation (over ``dim``, or all), as ``torch.std_mean``.
+
+    Two fast reductions, the mean and the norm of the deviations from it: on CPU
+    ``torch.std_mean``'s Welford pass measured ~20x slower on a 131k-element tensor.
+
+    Example:
+        >>> mean, std = mean_std(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        >>> round(float(mean), 6), round(float(std), 6)
+        (2.5, 1.118034)
+    """
+    if dim is None:
+        mean = values.mean()
+        n = values.numel()
+        deviation = torch.linalg.vector_norm(values - mean)
+    else:
+        mean = values.mean(dim)
+        n = values.shape[dim]
+        deviation = torch.linalg.vector_norm(values - mean.unsqueeze(dim), dim=dim)
+    return mean, deviation / max(n, 1) ** 0.5
+
+
 def stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Stack 0-d tensors into one float64 vector on ``device``."""
     first = tensors[0]

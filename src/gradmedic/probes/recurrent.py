@@ -39,11 +39,15 @@ from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import RECURRENT_TYPES, ROOT_NAME, LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.spectra import RecurrentSpectra
+from gradmedic.tensorlists import mean_std
 
 #: Sequences the monitor's recurrent probe recomputes: the per-step gain through time is a
 #: ratio of norms, which a few sequences measure as well as the batch, and the unrolled
-#: recomputation's cost then stops growing with the batch.
-SAMPLED_SEQUENCES = 8
+#: recomputation's cost then stops growing with the batch. Measured on 50-step sequences
+#: (tanh/ReLU RNN, LSTM, GRU, hidden 64): the gain fitted on 4 sequences was within 1.3% of
+#: the one on all 64, its total over the sequence within 2x (the thresholds are 1e3); 8
+#: sequences cost an LSTM LM's recomputation 1.5x the time of 4.
+SAMPLED_SEQUENCES = 4
 
 
 @dataclass
@@ -387,7 +391,7 @@ def unrolled_gradients(
                 stats["dc_norm_last"] = _norms(g_c[:, batch:])
         if gate is not None:
             label = "forget_gate" if lstm else "update_gate"
-            std, mean = torch.std_mean(gate[:, :batch].flatten(1), dim=1, correction=0)
+            mean, std = mean_std(gate[:, :batch].flatten(1), dim=1)
             stats[f"{label}_mean"], stats[f"{label}_std"] = mean, std
         result[stream] = stats
     return result
