@@ -205,3 +205,19 @@ def test_more_modules_than_the_share_are_measured_in_interleaved_turns():
         assert hooked == len(seen[-1])  # only the share carries hooks
     assert seen == [["1", "7"], ["3", "9"], ["5"], ["1", "7"]]
     probe.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_counts_stay_exact_beyond_what_the_dtype_can_count(dtype) -> None:
+    # 70,000 evaluations per activation: more than float16 holds (65504) and far more than
+    # bfloat16 counts exactly (256)
+    torch.manual_seed(0)
+    z = torch.randn(700, 100).to(dtype)
+    relu = run(nn.Sequential(nn.Identity(), nn.ReLU()), z)["1"]
+    tanh = run(nn.Sequential(nn.Identity(), nn.Tanh()), z * 4)["1"]
+    zeros = int((z <= 0).sum())
+    assert relu["saturated_fraction"] == zeros / z.numel()
+    assert relu["mean_slope"] == (z.numel() - zeros) / z.numel()
+    slope = 1 - torch.tanh(z * 4).float().square()  # the probe's closed form, in float32
+    want = float((slope.to(dtype).float() < 0.05).double().mean())
+    assert tanh["saturated_fraction"] == pytest.approx(want, abs=2 / z.numel())

@@ -334,9 +334,10 @@ def _per_unit_max(values: torch.Tensor, unit_dim: int) -> torch.Tensor:
 
 
 def _count_positive(values: torch.Tensor) -> torch.Tensor:
-    """How many entries are ``> 0`` (NaN counts as not), as a float 0-d tensor.
+    """How many entries are ``> 0`` (NaN counts as not), as a float32 0-d tensor.
 
     ``relu(v).sign()`` is 1 exactly where ``v > 0``; its sum measured ~3x faster on CPU
-    than summing a boolean mask.
+    than summing a boolean mask. Summed in float32 whatever the input's precision
+    (float16 holds no count above 65504, bfloat16 no exact count above 256).
     """
-    return torch.relu(values).sign_().nansum()
+    return torch.relu(values).sign_().nansum(dtype=torch.float32)
