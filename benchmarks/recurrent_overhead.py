@@ -1,4 +1,5 @@
-"""Step time of an RNN/LSTM training step: bare vs RecurrentProbe every step vs every=10.
+"""Step time of an RNN/LSTM training step: bare vs RecurrentProbe every step (whole batch,
+8 sequences, the monitor's sample) vs every=10.
 
 Run: python benchmarks/recurrent_overhead.py [--steps 30] [--threads 1]
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from gradmedic.layers import LayerIndex
-from gradmedic.probes.recurrent import RecurrentProbe
+from gradmedic.probes.recurrent import SAMPLED_SEQUENCES, RecurrentProbe
 from gradmedic.record import materialize
 
 T, B, IN, H = 100, 32, 32, 128
@@ -72,6 +73,7 @@ def main() -> None:
         "bare": (None, None),
         "every=1": (1, None),
         "every=1,mb=8": (1, 8),
+        "every=1,monitor": (1, SAMPLED_SEQUENCES),  # the sequences watch() samples
         "every=10": (10, None),
     }
     for cell in (nn.RNN, nn.LSTM):
@@ -87,10 +89,12 @@ def main() -> None:
         bare = statistics.median(times["bare"])
         one = statistics.median(times["every=1"])
         small = statistics.median(times["every=1,mb=8"])
+        sampled = statistics.median(times["every=1,monitor"])
         ten = statistics.mean(times["every=10"]) / statistics.mean(times["bare"])
         print(
             f"nn.{cell.__name__:4s} T={T} H={H} B={B}: bare {bare * 1e3:.1f} ms/step, "
             f"probe every step {one / bare:.2f}x, every step max_batch=8 {small / bare:.2f}x, "
+            f"every step max_batch={SAMPLED_SEQUENCES} (watch()'s) {sampled / bare:.2f}x, "
             f"every=10 {ten:.2f}x (mean)"
         )
 
