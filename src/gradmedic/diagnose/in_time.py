@@ -107,7 +107,11 @@ class TimeFit:
         return out
 
 
-def explodes(fit: TimeFit, limit: float, step_gain: float = math.inf) -> bool:
+MIN_STEPS = 4
+"""Fewest time steps whose fitted per-step gain is judged on its own."""
+
+
+def explodes(fit: TimeFit, limit: float, step_gain: float) -> bool:
     """Whether the profile grows beyond ``limit`` within the sequence (or overflowed).
 
     Also when it grows at least ``step_gain`` per step over a profile of
@@ -120,10 +124,6 @@ def explodes(fit: TimeFit, limit: float, step_gain: float = math.inf) -> bool:
     if fit.per_step_gain >= step_gain and fit.seq_len >= MIN_STEPS:
         return True
     return fit.per_step_gain > 1 and (fit.total_gain > limit or fit.end_ratio > limit)
-
-
-MIN_STEPS = 4
-"""Fewest time steps whose fitted per-step gain is judged on its own."""
 
 
 def vanishes(fit: TimeFit, limit: float) -> bool:

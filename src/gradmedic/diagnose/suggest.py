@@ -111,7 +111,7 @@ def first_bad(rows: Rows, config: DiagnosisConfig) -> tuple[int, str] | None:
     rising = next((p for p in loss_points(rows, config) if p.rising), None)
     if rising is not None:
         hits.append((rising.index, f"loss risen {rising.ratio:.3g}x over its low"))
-    limit, r2 = config.exploding_gain, config.geometric_r2
+    limit, r2, step_gain = config.exploding_gain, config.geometric_r2, config.exploding_step_gain
     layers = config.context.get("layers")
     depth = next(
         (p for p in gain_series(rows, 1, layers) if p.total_gain > limit and p.r2 >= r2), None
@@ -119,7 +119,6 @@ def first_bad(rows: Rows, config: DiagnosisConfig) -> tuple[int, str] | None:
     if depth is not None:
         hits.append((depth.index, f"gradient exploding through depth ({sci(depth.total_gain)}x)"))
     for points in fit_series(rows, config, 1).values():
-        step_gain = config.exploding_step_gain
         hit = next((p for p in points if any(explodes(f, limit, step_gain) for f in p.fits)), None)
         if hit is not None:
             hits.append((hit.index, "gradient exploding through time"))
