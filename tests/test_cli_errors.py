@@ -306,3 +306,18 @@ def test_user_code_error_tells_the_model_from_gradmedic():
         gradmedic.check(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(5))
     info.value.__traceback__ = info.value.__traceback__.tb_next  # as the CLI sees it
     assert user_code_error(info.value) is None
+
+
+def test_the_cli_runs_where_click_is_not_installed() -> None:
+    # Typer >= 0.2x vendors click and no longer installs it; the dev extras pull it in
+    # through other packages, a plain `pip install gradmedic[lab]` does not.
+    code = (
+        "import sys; sys.modules['click'] = None\n"  # any `import click` now raises
+        "from gradmedic.cli.app import main\n"
+        "sys.argv = ['gradmedic', 'check', 'no_such_file.py:factory']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "ModuleNotFoundError" not in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "no_such_file.py" in done.stderr

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -45,14 +44,14 @@ EXIT_USER_CODE = 3
 EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
 
-#: Exceptions that carry their own exit status: passed through untouched.
-_PASS_THROUGH = (
-    typer.Exit,
-    typer.Abort,
-    click.exceptions.Exit,
-    click.exceptions.Abort,
-    click.ClickException,
+#: click's error base class as typer raises it: click's own up to typer 0.2x, the copy typer
+#: vendors after (which no longer installs click). Found through a public typer error class.
+_CLICK_ERROR: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
 )
+
+#: Exceptions that carry their own exit status: passed through untouched.
+_PASS_THROUGH: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort, _CLICK_ERROR)
 
 _debug = False
 
