@@ -42,6 +42,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 _GUARD = "__reduce_ex__"
+#: Hook wrappers a :class:`ModuleHooks` keeps for re-hooking (bounded: nothing grows with steps).
+_WRAPPERS_KEPT = 4096
 
 
 def compiling() -> bool:
@@ -50,34 +52,63 @@ def compiling() -> bool:
 
 
 class ModuleHooks:
-    """A set of forward hooks on modules, removable at once, invisible to pickling."""
+    """A set of forward hooks on modules, removable at once, invisible to pickling.
+
+    Probes that measure a rotating share of the layers re-hook modules every
+    recorded step: :meth:`release` takes the hooks off but keeps the pickling
+    guards and each hook's wrapper, so hooking the same modules again costs
+    little; :meth:`remove` takes everything off.
+    """
 
     def __init__(self) -> None:
         self._handles: list[tuple[nn.Module, RemovableHandle]] = []
+        #: Modules carrying a pickling guard installed here, by id.
+        self._guarded: dict[int, nn.Module] = {}
+        #: ``id(hook) -> (hook, wrapper)``: a hook registered again reuses its wrapper.
+        self._wrapped: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}
 
     def forward(
         self, module: nn.Module, hook: Callable[..., None], *, with_kwargs: bool = False
     ) -> None:
         """Register ``hook(module, inputs, output)`` (or with kwargs) on ``module``."""
-        self._keep(module, module.register_forward_hook(_eager(hook), with_kwargs=with_kwargs))
+        wrapped = self._wrapper(hook)
+        self._keep(module, module.register_forward_hook(wrapped, with_kwargs=with_kwargs))
 
     def forward_pre(self, module: nn.Module, hook: Callable[..., None]) -> None:
         """Register ``hook(module, inputs)`` on ``module``."""
-        self._keep(module, module.register_forward_pre_hook(_eager(hook)))
+        self._keep(module, module.register_forward_pre_hook(self._wrapper(hook)))
 
-    def remove(self) -> None:
-        """Remove every hook and every pickling guard. Safe to call twice."""
+    def release(self) -> None:
+        """Remove every hook; keep the pickling guards (empty) and wrappers for re-hooking."""
         for module, handle in self._handles:
             handle.remove()
             guard = vars(module).get(_GUARD)
             if isinstance(guard, _PickleGuard):
                 guard.ids.discard(handle.id)
-                if not guard.ids:
-                    del vars(module)[_GUARD]
         self._handles = []
+
+    def remove(self) -> None:
+        """Remove every hook and every pickling guard. Safe to call twice."""
+        self.release()
+        for module in self._guarded.values():
+            guard = vars(module).get(_GUARD)
+            if isinstance(guard, _PickleGuard) and not guard.ids:
+                del vars(module)[_GUARD]
+        self._guarded = {}
+        self._wrapped = {}
 
     def __len__(self) -> int:
         return len(self._handles)
+
+    def _wrapper(self, hook: Callable[..., None]) -> Callable[..., None]:
+        known = self._wrapped.get(id(hook))
+        if known is not None and known[0] is hook:
+            return known[1]
+        wrapped = _eager(hook)
+        if len(self._wrapped) >= _WRAPPERS_KEPT:  # callers passing a new closure each time
+            self._wrapped.clear()
+        self._wrapped[id(hook)] = (hook, wrapped)  # the hook is held: its id stays its own
+        return wrapped
 
     def _keep(self, module: nn.Module, handle: RemovableHandle) -> None:
         self._handles.append((module, handle))
@@ -85,6 +116,7 @@ class ModuleHooks:
         if not isinstance(guard, _PickleGuard):
             # An instance attribute: pickle and copy look __reduce_ex__ up on the object.
             guard = vars(module)[_GUARD] = _PickleGuard(module)
+        self._guarded[id(module)] = module
         guard.ids.add(handle.id)
 
 

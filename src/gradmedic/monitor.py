@@ -374,15 +374,19 @@ class Monitor:
         return total.log() > level + math.log(NORM_JUMP)  # False while level is NaN
 
     def _track_norm_level(self) -> None:
-        """A running geometric mean of recorded global norms (the jump rule's reference)."""
+        """A running geometric mean of recorded global norms (the jump rule's reference).
+
+        Only the update sampling reads it: without the update probe, nothing is kept.
+        """
         total = self._gradients.last_total
-        if total is None:
+        if total is None or self._updates is None:
             return
         log_total = total.detach().log()
+        ok = torch.isfinite(log_total)  # a zero or non-finite norm leaves the level alone
         level = self._log_level
         if level is None or level.device != log_total.device:
-            level = torch.full_like(log_total, math.nan)
-        ok = log_total.abs() < math.inf  # a zero or non-finite norm leaves the level alone
+            self._log_level = torch.where(ok, log_total, math.nan)  # NaN until a usable norm
+            return
         new = torch.where(torch.isnan(level), log_total, torch.lerp(level, log_total, 0.1))
         self._log_level = torch.where(ok, new, level)
 
@@ -421,7 +425,7 @@ class Monitor:
     def _grads_ready(self) -> None:
         self._guarded(self._collect)
         self._guarded(self._before_update)
-        self._track_norm_level()
+        self._guarded(self._track_norm_level)
 
     def _before_update(self) -> None:
         keep = self._samples_updates()

@@ -36,6 +36,11 @@ class PassWatch:
     callback fires once per backward pass that reaches the output (first tensor
     that requires grad) of any of them. ``on_output(output)`` sees each output of
     the ``roots`` (the model, or its compiled wrapper).
+
+    Inside a forward of a root, the layers report nothing themselves: the root
+    reports the forward's start, and when it returns, its output and the first
+    layer output inside it that requires grad get the backward hook (two tensor
+    hooks per iteration, not one per watched module).
     """
 
     def __init__(
@@ -51,6 +56,9 @@ class PassWatch:
         self._on_output = on_output
         self._roots = {id(m) for m in roots}
         self._queued = False
+        #: id of the root whose forward is running (its layers' hooks then defer to it).
+        self._root: int | None = None
+        self._inside: list[torch.Tensor] = []
         self._hooks = ModuleHooks()
         for module in {id(m): m for m in modules}.values():
             self._hooks.forward_pre(module, self._forward_started)
@@ -61,15 +69,35 @@ class PassWatch:
         self._hooks.remove()
 
     def _forward_started(self, module: nn.Module, inputs: Any) -> None:
+        if id(module) in self._roots:
+            if self._root is None:  # the outermost root: the layers inside need no hook
+                self._root, self._inside = id(module), []
+        elif self._root is not None:
+            return  # inside a forward of the model: its root already reported it
         if torch.is_grad_enabled():
             self._on_forward()
 
     def _forward_done(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._on_output is not None and id(module) in self._roots:
+        ident = id(module)
+        if ident in self._roots and self._on_output is not None:
             self._on_output(output)
-        out = first_tensor(output)
-        if out is not None and out.requires_grad and torch.is_grad_enabled():
-            out.register_hook(self._backward_reached)
+        if self._root is not None and ident != self._root:
+            # Inside the model's forward: the hooks go on when the model returns.
+            out = first_tensor(output)
+            if out is not None and out.requires_grad and not self._inside:
+                self._inside.append(out)
+            return
+        hooked = [first_tensor(output)]
+        if ident == self._root:
+            # The model's output, and the first layer output inside it that carries a
+            # gradient: a loss that reads some other part of the output still passes there.
+            hooked += self._inside
+            self._root, self._inside = None, []
+        if not torch.is_grad_enabled():
+            return
+        for out in hooked:
+            if out is not None and out.requires_grad:
+                out.register_hook(self._backward_reached)
 
     def _backward_reached(self, grad: torch.Tensor) -> None:
         if not self._queued:

@@ -66,7 +66,10 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Plain tensors are returned as they are, so the list can go to the fused
     ``torch._foreach_*`` kernels, which reject a mix of DTensors and tensors.
     """
-    return [t._local_tensor if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
+    cls = _dtensor_type()
+    if cls is None:  # nothing imported DTensor: no tensor can be one (no check per tensor)
+        return list(tensors)
+    return [t._local_tensor if isinstance(t, cls) else t for t in tensors]  # type: ignore[attr-defined]
 
 
 def version_of(t: torch.Tensor) -> int:

@@ -83,22 +83,60 @@ def use_foreach(
     return bool(foreach)
 
 
+def extrema(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t.max(), t.min())`` as 0-d tensors, read the fastest way for ``t``'s device.
+
+    On CPU two plain reductions beat one ``torch.aminmax`` (14 vs 22 us on 131k
+    floats); on an accelerator, where a reduction is a memory pass and a kernel
+    launch, one ``aminmax`` reads the tensor once.
+    """
+    if t.device.type == "cpu":
+        return t.amax(), t.amin()
+    lo, hi = torch.aminmax(t)
+    return hi, lo
+
+
 def abs_maxes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``max |t|`` of each tensor as one float64 vector on ``device`` (NaN propagates).
 
-    ``torch.aminmax`` is several times faster on CPU than an infinity norm
-    (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``) and reads each
-    tensor once without allocating ``|t|``.
+    ``max(max, -min)`` from :func:`extrema`: several times faster than an infinity
+    norm (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``) on CPU, and
+    no ``|t|`` is allocated.
     """
-    mins, maxs = [], []
-    for t in tensors:
-        if t.numel() == 0:
-            t = t.new_zeros(1)
-        lo, hi = torch.aminmax(t.detach())
-        mins.append(lo)
+    return _large_stats(tensors, device, norms=False)[1]
+
+
+def _large_stats(
+    tensors: Sequence[torch.Tensor], device: torch.device, norms: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """L2 norms (float32 sums, half upcast; if ``norms``) and ``max |t|``, float64 vectors.
+
+    A tensor of :data:`BACK_TO_BACK` elements or more has its norm, max and min taken
+    one after the other, while it is still in cache (on a 20-layer MLP of 512 x 512
+    weights, cold: 1.7 vs 2.0 ms for a fused norm pass followed by the extrema);
+    smaller ones get their norms from one fused ``torch._foreach_norm``.
+    """
+    l2: list[torch.Tensor | None] = [None] * len(tensors)
+    fused = [k for k, t in enumerate(tensors) if t.numel() < BACK_TO_BACK] if norms else []
+    if fused:
+        norms_fused = foreach_norms([tensors[k] for k in fused], upcast=True)
+        for k, n in zip(fused, norms_fused, strict=True):
+            l2[k] = n
+    maxs, mins = [], []
+    for k, t in enumerate(tensors):
+        t = t.detach() if t.numel() else t.new_zeros(1)
+        if norms and l2[k] is None:
+            half = t.dtype in (torch.float16, torch.bfloat16)
+            l2[k] = torch.linalg.vector_norm(t, dtype=torch.float32 if half else None)
+        hi, lo = extrema(t)
         maxs.append(hi)
-    lo_v, hi_v = stack_on(mins, device), stack_on(maxs, device)
-    return torch.maximum(lo_v.neg(), hi_v)
+        mins.append(lo)
+    amax = torch.maximum(stack_on(mins, device).neg_(), stack_on(maxs, device))
+    return (stack_on(l2, device) if norms else None), amax  # type: ignore[arg-type]
+
+
+#: Tensors this large are reduced one at a time, each statistic while it is in cache.
+BACK_TO_BACK = 1 << 18
 
 
 def mean_std(values: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +232,7 @@ def norms_and_maxes(
     The L2 norms are float32 sums of squares (half precision upcast), as
     :func:`foreach_norms` with ``upcast``; NaN propagates into both. Small tensors
     of one shape are stacked and reduced in one kernel each, large ones go
-    through ``torch._foreach_norm`` and ``torch.aminmax``. With ``norms=False``
+    through ``torch._foreach_norm`` and :func:`extrema`. With ``norms=False``
     only the maxima are computed (the first result is None). DTensors give their
     local pieces' (see :mod:`gradmedic.sharding`). ``plan``: the grouping from
     :func:`reduce_plan` for tensors of this layout, kept by a caller that reduces
@@ -203,27 +241,36 @@ def norms_and_maxes(
     tensors = local_tensors(tensors)
     if plan is None:
         plan = reduce_plan(tensors, device)
-    l2_parts: list[torch.Tensor] = []
-    max_parts: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = []  # per group: rows (L2, max) or (max,), one column each
     with torch.no_grad():  # no per-tensor detach(): ~1 us each on a 1000-tensor list
         for idx in plan.stacks:
             mat = torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
-            max_parts.append(mat.abs().amax(1).to(device))  # small: |mat| costs little
-            if norms:
-                half = mat.dtype in (torch.float16, torch.bfloat16)
-                vals = torch.linalg.vector_norm(mat, dim=1, dtype=torch.float32 if half else None)
-                l2_parts.append(vals.to(device))
+            if mat.numel() <= _ABS_TEMPORARY:
+                amax = mat.abs().amax(1)
+            else:  # max(max, -min): no |mat| temporary as large as the stack
+                amax = torch.maximum(mat.amax(1), mat.amin(1).neg_())
+            if not norms:
+                parts.append(amax.unsqueeze(0))
+                continue
+            half = mat.dtype in (torch.float16, torch.bfloat16)
+            l2 = torch.linalg.vector_norm(mat, dim=1, dtype=torch.float32 if half else None)
+            parts.append(torch.stack([l2, amax.to(l2.dtype)]))
         if plan.large:
-            members = [tensors[i] for i in plan.large]
-            max_parts.append(abs_maxes(members, device))
-            if norms:
-                l2_parts.append(stack_on(foreach_norms(members, upcast=True), device))
-        return _ordered(l2_parts, plan) if norms else None, _ordered(max_parts, plan)
+            large_l2, amax = _large_stats([tensors[i] for i in plan.large], device, norms)
+            parts.append(amax.unsqueeze(0) if large_l2 is None else torch.stack([large_l2, amax]))
+        rows = _ordered(parts, plan, device)
+        return (rows[0], rows[1]) if norms else (None, rows[0])
 
 
-def _ordered(parts: list[torch.Tensor], plan: ReducePlan) -> torch.Tensor:
-    """The parts, concatenated as one float64 vector, back in input order."""
-    same = all(p.dtype == parts[0].dtype for p in parts)
-    flat = torch.cat(parts) if same else torch.cat([p.double() for p in parts])
-    flat = flat.to(torch.float64)
-    return flat if plan.order is None else flat[plan.order]
+def _ordered(parts: list[torch.Tensor], plan: ReducePlan, device: torch.device) -> torch.Tensor:
+    """The groups' columns, concatenated as float64 rows on ``device``, in input order."""
+    same = all(p.dtype == parts[0].dtype and p.device == device for p in parts)
+    if not same:
+        parts = [p.to(device=device, dtype=torch.float64) for p in parts]
+    flat = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).to(torch.float64)
+    return flat if plan.order is None else flat[:, plan.order]
+
+
+#: A stack up to this many elements takes ``max |x|`` through ``|x|`` (two kernels, one
+#: small temporary); a larger one through its max and min (no temporary).
+_ABS_TEMPORARY = 1 << 16

@@ -153,6 +153,7 @@ class ActivationProbe(Probe):
         self._calls: dict[str, int] = {}
         self._inputs: dict[str, torch.Tensor] = {}
         self._max: dict[str, float] = {}
+        self._modules: dict[str, nn.Module] = {}  # the activation modules, by qualified name
         self.on_error: Any = None
         self._model: nn.Module | None = None
         self._channels_first: set[str] = set()
@@ -164,6 +165,7 @@ class ActivationProbe(Probe):
         for name, module in index.model.named_modules():
             if is_activation(module):
                 self._max[name] = max_slope(module)
+                self._modules[name] = module
         self._hook_share()
 
     def _hook_share(self) -> None:
@@ -175,9 +177,8 @@ class ActivationProbe(Probe):
         self._hooks.remove()
         self._hooked = names
         self._hooks.forward_pre(model, self._new_forward)
-        modules = dict(model.named_modules())
         for name in names:
-            module = modules[name]
+            module = self._modules[name]
             if getattr(module, "inplace", False):  # the forward hook would see the output
                 self._hooks.forward_pre(module, self._keep_input(name))
             self._hooks.forward(module, self._hook(name, name in self._channels_first))
@@ -305,6 +306,7 @@ class ActivationProbe(Probe):
     def detach(self) -> None:
         """Remove every hook."""
         self._model = None
+        self._modules = {}
         self._hooks.remove()
         self._hooked = ()
         self.reset()

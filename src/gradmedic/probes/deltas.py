@@ -31,7 +31,7 @@ from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.rotation import PER_STEP, share
 from gradmedic.record import NamedVector
-from gradmedic.tensorlists import segment_max, stack_on
+from gradmedic.tensorlists import extrema, segment_max, stack_on
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -79,7 +79,7 @@ class DeltaProbe(Probe):
         # themselves launch one reduction and no arithmetic.
         self._norms: dict[str, list[torch.Tensor]] = {}
         self._extrema: dict[str, list[torch.Tensor]] = {}
-        self._tensor_hooks: dict[str, Any] = {}
+        self._forward_hooks: dict[str, Any] = {}
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layers; hooks go on the measured share once a step is recorded."""
@@ -91,7 +91,7 @@ class DeltaProbe(Probe):
         names = share(index.names, self._turn, self.per_step) if recording and index else ()
         if names == self._hooked:
             return
-        self._hooks.remove()
+        self._hooks.release()  # guards and wrappers stay: the next share re-hooks cheaply
         self._hooked = names
         if index is None:
             return
@@ -99,9 +99,14 @@ class DeltaProbe(Probe):
             self._hooks.forward(index.by_name[name].module, self._forward_hook(name))
 
     def _forward_hook(self, name: str) -> Any:
-        tensor_hook = self._tensor_hooks.get(name)
-        if tensor_hook is None:
-            tensor_hook = self._tensor_hooks[name] = self._tensor_hook(name)
+        """The forward hook of layer ``name`` (made once: re-hooking reuses it)."""
+        known = self._forward_hooks.get(name)
+        if known is None:
+            known = self._forward_hooks[name] = self._new_forward_hook(name)
+        return known
+
+    def _new_forward_hook(self, name: str) -> Any:
+        tensor_hook = self._tensor_hook(name)
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
@@ -110,8 +115,8 @@ class DeltaProbe(Probe):
                 out = first_tensor(output)
                 if out is None or not out.requires_grad or out.numel() == 0:
                     return
-                # aminmax reads the output once; an inf-norm is several times slower on CPU
-                self._extrema.setdefault(name, []).extend(torch.aminmax(out.detach()))
+                # (max, min): much faster than an inf-norm, and no |out| is allocated
+                self._extrema.setdefault(name, []).extend(extrema(out.detach()))
                 out.register_hook(tensor_hook)
             except Exception as exc:  # monitoring must never break training
                 if self.on_error is not None:
@@ -160,6 +165,7 @@ class DeltaProbe(Probe):
         """Remove the forward hooks (tensor hooks die with their graphs)."""
         self._hooks.remove()
         self._hooked = ()
+        self._forward_hooks = {}
         self._index = None
         self.reset()
 

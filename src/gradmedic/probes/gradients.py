@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any
 
 import torch
@@ -78,15 +80,15 @@ class GradientProbe(Probe):
 
     def snapshot(self) -> None:
         """Read the per-parameter L2 norms and maxima now (the end of a backward pass)."""
-        picked = self._picked()
-        if not picked:
+        positions, grads = self._picked()
+        if not grads:
             self._snapshot = None
             return
-        grads = [g for _, g in picked]
-        positions = tuple(i for i, _ in picked)
         l2, amax = self._norms(grads, grads[0].device, positions=positions)
         self._snapshot = _Snapshot(
+            self.index.params,  # type: ignore[union-attr]
             positions,
+            tuple(grads),
             tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
             l2,  # type: ignore[arg-type]
             amax,
@@ -111,10 +113,15 @@ class GradientProbe(Probe):
         self._snapshot = None
         self.loss_scale = None
 
-    def _picked(self) -> list[tuple[int, torch.Tensor]]:
+    def _picked(self) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+        """Positions (in the index) and tensors of the gradients that exist now."""
         if self.index is None:
-            return []
-        return [(i, p.grad) for i, p in enumerate(self.index.params) if p.grad is not None]
+            return (), []
+        grads = [p.grad for p in self.index.params]  # one read of each .grad
+        positions = tuple(compress(range(len(grads)), map(is_not, grads, repeat(None))))
+        if len(positions) < len(grads):
+            grads = [grads[i] for i in positions]
+        return positions, grads  # type: ignore[return-value]
 
     def _norms(
         self,
@@ -149,26 +156,34 @@ class GradientProbe(Probe):
         index = self.index
         if index is not None and fsdp1_group(index.model) is not None:
             return self._collect_flat_shards(index)  # FSDP1: every rank its flat slices
-        picked = self._picked()
-        if index is None or not picked:
-            return {}
-        pos = tuple(i for i, _ in picked)
-        grads = [g for _, g in picked]
-        device = grads[0].device
         snap = self._snapshot
-        if snap is not None and snap.positions != pos:
-            snap = None  # gradients appeared or vanished since the backward pass
+        # GradScaler unscales in place without bumping version counters: with a loss
+        # scale, the gradients are always read again.
+        unchanged = (
+            snap is not None
+            and index is not None
+            and snap.params is index.params  # not reordered since (positions still hold)
+            and self.loss_scale is None
+            and not self.changed_since_snapshot()
+        )
+        if unchanged:  # the gradients the backward pass left, as the snapshot listed them
+            pos, grads = snap.positions, list(snap.grads)  # type: ignore[union-attr]
+        else:
+            pos, grads = self._picked()
+            if snap is not None and snap.positions != pos:
+                snap = None  # gradients appeared or vanished since the backward pass
+        if index is None or not grads:
+            return {}
+        device = grads[0].device
         if any_dtensor(grads):  # sharded: local statistics now, reduced when the record is read
             return self._collect_sharded(index, pos, grads, snap)
         pre: torch.Tensor | None = None
-        # GradScaler unscales in place without bumping version counters: with a loss
-        # scale, the gradients are always read again.
-        if snap is not None and self.loss_scale is None and not self.changed_since_snapshot():
-            l2, inf = snap.norms.to(device), snap.maxes.to(device)
+        if unchanged:
+            l2, inf = snap.norms, snap.maxes  # type: ignore[union-attr]
         else:
             offered = self._offered_norms(grads, device)
             computed, inf = self._norms(grads, device, offered is None, pos)
-            l2 = offered if offered is not None else computed  # type: ignore[assignment]
+            l2 = offered if offered is not None else computed
             if snap is not None:
                 pre = snap.norms.to(device)
                 if self.loss_scale is not None:
@@ -245,7 +260,11 @@ class GradientProbe(Probe):
 class _Snapshot:
     """Per-parameter norms read at the end of a backward pass, and what they were read from."""
 
+    #: The index's parameter list the positions refer to (rebuilt when layers are reordered).
+    params: list[torch.nn.Parameter]
     positions: tuple[int, ...]
+    #: The gradients read (held until the step is recorded or abandoned).
+    grads: tuple[torch.Tensor, ...]
     #: ``(id, version counter)`` of the first and the last gradient.
     sentinels: tuple[tuple[int, int], ...]
     norms: torch.Tensor

@@ -112,9 +112,9 @@ def _one_buffer(views: list[torch.Tensor]) -> bool:
 
 
 def _flat(local: torch.Tensor, stride: int) -> torch.Tensor:
-    """A rank-local parameter, or its strided sample (a view when contiguous)."""
-    local = local.detach()
-    return local if stride == 1 else local.reshape(-1)[::stride]
+    """A rank-local parameter flattened, or its strided sample (a view when contiguous)."""
+    flat = local.detach().reshape(-1)
+    return flat if stride == 1 else flat[::stride]
 
 
 class UpdateProbe(Probe):
@@ -135,6 +135,10 @@ class UpdateProbe(Probe):
         self._scanned = False
         self._lengths: dict[_Group, torch.Tensor] = {}
         self._one = False  # the snapshot is one flat buffer
+        self._stats: dict[_Group, _UpdateStats] = {}
+        self._view_cache: (
+            tuple[_Group, tuple[int, ...], list[torch.Tensor], list[torch.Tensor]] | None
+        ) = None
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index."""
@@ -150,6 +154,7 @@ class UpdateProbe(Probe):
         if key != self._plan_key:
             self._plan = plan_groups(self.index, positions) if positions else []
             self._plan_key, self._turn = key, 0
+            self._stats = {}
         return self._plan
 
     def before(self, keep: bool | torch.Tensor = True, advance: bool = True) -> None:
@@ -178,14 +183,33 @@ class UpdateProbe(Probe):
                 norms = stack_on(foreach_norms(local_tensors(every), upcast=True), every[0].device)
             (self._all_norms,) = whole_norms(every, norms)
         with torch.no_grad():
-            local = local_tensors([params[i] for i in group.positions])
-            views = [_flat(t, s) for t, s in zip(local, group.strides, strict=True)]
+            _, views = self._views(group)
             self._one = _one_buffer(views)
-            if self._one:  # one copy kernel, and one reduction per statistic after
-                self._snapshot = [torch.cat([v.reshape(-1) for v in views])]
+            if self._one:  # row 0 the copy, row 1 for the values after: one reduction of both
+                pair = views[0].new_empty((2, sum(v.numel() for v in views)))
+                torch.cat(views, out=pair[0])
+                self._snapshot = [pair]
             else:
                 self._snapshot = list(torch._foreach_mul(views, 1.0))
         self._group, self._keep = group, keep
+
+    def _views(self, group: _Group) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The group's rank-local parameters and their flat (sampled) views.
+
+        Views of contiguous parameters are made once and reused while every
+        parameter keeps its storage (``p.data = ...`` or ``set_`` gives a new one).
+        """
+        params = self.index.params  # type: ignore[union-attr]
+        local = local_tensors([params[i] for i in group.positions])
+        ptrs = tuple(t.data_ptr() for t in local)
+        cached = self._view_cache
+        if cached is not None and cached[0] == group and cached[1] == ptrs:
+            return cached[2], cached[3]
+        full = [t.detach() for t in local]
+        views = [_flat(t, st) for t, st in zip(full, group.strides, strict=True)]
+        if all(t.is_contiguous() for t in full):  # then the flat views alias the parameters
+            self._view_cache = (group, ptrs, full, views)
+        return full, views
 
     def after(self) -> None:
         """Measure the change since :meth:`before` and keep it for :meth:`collect`."""
@@ -197,8 +221,7 @@ class UpdateProbe(Probe):
         if max(group.positions) >= len(params):
             return
         with torch.no_grad():
-            full = local_tensors([params[i].detach() for i in group.positions])
-            views = [_flat(p, s) for p, s in zip(full, group.strides, strict=True)]
+            full, views = self._views(group)
             device = full[0].device
             if self._one:
                 upd, old = self._flat_norms(views, full, snap[0], group, device)
@@ -218,7 +241,7 @@ class UpdateProbe(Probe):
         self._result = {
             "_update_norms": upd,
             "_update_params": old,
-            "_update_stats": _UpdateStats(index, group.positions),
+            "_update_stats": self._stats_of(index, group),
             "_updates_keep": self._keep,
         }
         if self._all_norms is not None and self._plan_key is not None:
@@ -230,29 +253,40 @@ class UpdateProbe(Probe):
         self,
         views: list[torch.Tensor],
         full: list[torch.Tensor],
-        snap: torch.Tensor,
+        pair: torch.Tensor,
         group: _Group,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-parameter ``||dw||`` and ``||w||`` from the one-buffer copy (segmented sums).
+        """Per-parameter ``||dw||`` and ``||w||`` from the one-buffer copy (one segmented sum).
 
-        The squares are float32 sums (half precision upcast), as ``foreach_norms``
-        with ``upcast`` takes them; the copy is the only parameter-sized buffer kept.
+        ``pair`` holds the copy in row 0; the values after the step go to row 1 and
+        become the difference, then both rows are squared in place and summed per
+        parameter at once. Half precision is upcast to float32 sums, as
+        ``foreach_norms`` with ``upcast`` takes them.
         """
         lengths = self._lengths.get(group)
-        if lengths is None or lengths.device != snap.device:
-            lengths = torch.tensor([v.numel() for v in views], device=snap.device)
+        if lengths is None or lengths.device != pair.device:
+            lengths = torch.tensor([v.numel() for v in views], device=pair.device).expand(2, -1)
             self._lengths = {group: lengths}  # one group is measured at a time
-        acc = torch.float32 if snap.dtype in (torch.float16, torch.bfloat16) else snap.dtype
-        old = torch.segment_reduce(snap.to(acc).square(), "sum", lengths=lengths).sqrt()
+        torch.cat([v.reshape(-1) for v in views], out=pair[1])
+        pair[1].sub_(pair[0])
+        if pair.dtype in (torch.float16, torch.bfloat16):
+            pair = pair.float()
+        sums = torch.segment_reduce(pair.square_(), "sum", lengths=lengths, axis=1)
+        old, upd = sums.to(device, torch.float64).sqrt_().unbind()
         sampled = [p for p, st in zip(full, group.strides, strict=True) if st != 1]
         if sampled:  # a sampled parameter's ||w||: the whole tensor, after the step
             where = [k for k, st in enumerate(group.strides) if st != 1]
-            whole = torch.stack(foreach_norms(sampled, upcast=True)).to(old.dtype)
-            old = old.index_copy(0, torch.tensor(where, device=old.device), whole)
-        diff = torch.cat([v.reshape(-1) for v in views]).to(acc).sub_(snap)
-        upd = torch.segment_reduce(diff.square_(), "sum", lengths=lengths).sqrt()
-        return upd.to(device, torch.float64), old.to(device, torch.float64)
+            whole = stack_on(foreach_norms(sampled, upcast=True), device)
+            old = old.index_copy(0, torch.tensor(where, device=device), whole)
+        return upd, old
+
+    def _stats_of(self, index: LayerIndex, group: _Group) -> _UpdateStats:
+        """The per-layer writer of ``group`` (made once per plan: it only holds names)."""
+        stats = self._stats.get(group)
+        if stats is None or stats.index is not index or stats.params is not index.params:
+            stats = self._stats[group] = _UpdateStats(index, group.positions)
+        return stats
 
     @property
     def pending(self) -> bool:
@@ -269,6 +303,7 @@ class UpdateProbe(Probe):
         self._snapshot = None
         self._result = {}
         self._all_norms = None
+        self._view_cache = None
         self.index = None
 
 
@@ -276,6 +311,7 @@ class _UpdateStats(Deferred):
     """Writes ``param_norm``, ``update_norm`` and ``update_ratio`` per layer when read."""
 
     def __init__(self, index: LayerIndex, positions: tuple[int, ...]) -> None:
+        self.index, self.params = index, index.params  # what the names were read from
         layers = [index.param_layer[i] for i in positions]
         present = sorted(set(layers))
         rank = {k: j for j, k in enumerate(present)}
