@@ -1,0 +1,93 @@
+"""The monitor's cheap per-step path still sees what it must.
+
+The record reuses the gradient list read at the end of the backward pass, the
+backward hook goes on the model's output (and one layer output inside it), and
+rotating probes re-hook modules without leaving anything behind.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import gradmedic
+from gradmedic.layers import LayerIndex
+from gradmedic.probes.deltas import DeltaProbe
+
+
+class TwoHeads(nn.Module):
+    """Returns ``(features, logits)``; the loss reads only the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return features * 2.0, self.head(features)
+
+
+def _global_norm(model: nn.Module, x: torch.Tensor) -> float:
+    loss = model(x)[1].square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return float(torch.stack([g.square().sum() for g in grads]).sum().sqrt())
+
+
+def test_a_loss_that_skips_the_first_output_still_ends_the_backward_pass_for_the_monitor() -> None:
+    torch.manual_seed(0)
+    model, x = TwoHeads(), torch.randn(5, 6)
+    want = _global_norm(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradmedic.watch(model, opt) as mon:
+        model(x)[1].square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), want / 10)
+        opt.step()
+    row = mon.history.rows()[-1]
+    # the pre-clip norms exist only if the end of the backward pass was seen
+    assert row["clip"]["pre_norm"] == pytest.approx(want, rel=1e-5)
+    assert set(row["pre_clip_grad_norm"]) == {"body.0", "body.2", "head"}
+    assert row["global_grad_norm"] == pytest.approx(want / 10, rel=1e-4)
+
+
+def test_a_gradient_cleared_after_backward_is_not_taken_from_the_snapshot() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradmedic.watch(model, opt) as mon:
+        model(x).square().mean().backward()
+        model[4].weight.grad = None  # the last gradient: the sentinel that tells
+        opt.step()
+    row = mon.history.rows()[-1]
+    assert "4.weight" not in row["param_grad_norm"]
+    want = model[0].weight.grad.norm().item()
+    assert row["param_grad_norm"]["0.weight"] == pytest.approx(want, rel=1e-6)
+
+
+def test_rotating_shares_leave_no_hook_guard_or_wrapper_behind() -> None:
+    layers: list[nn.Module] = []
+    for _ in range(12):
+        layers += [nn.Linear(3, 3), nn.Tanh()]
+    model = nn.Sequential(*layers)
+    probe = DeltaProbe(per_step=4)  # 12 layers: 3 shares, in turn
+    probe.attach(LayerIndex(model))
+    x = torch.randn(2, 3)
+    seen: set[str] = set()
+    for step in range(30):
+        probe.set_recording(True)
+        model(x).sum().backward()
+        seen |= set(probe.collect(step)["delta_norm"].names)
+        probe.reset()
+    assert len(seen) == 12  # every layer measured
+    hooked = sum(len(m._forward_hooks) for m in model.modules())
+    assert hooked == 4  # one share hooked, not an accumulation of shares
+    assert len(probe._hooks._wrapped) <= 12  # one wrapper per layer, reused
+    copy = pickle.loads(pickle.dumps(model))  # a hooked model still pickles without hooks
+    assert sum(len(m._forward_hooks) for m in copy.modules()) == 0
+    probe.detach()
+    assert all("__reduce_ex__" not in vars(m) for m in model.modules())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
