@@ -145,10 +145,12 @@ class DeltaProbe(Probe):
         out: dict[str, Any] = {}
         if self._norms:
             names = tuple(self._norms)  # insertion order = the order deltas arrived
-            # Over several backward passes (accumulation) the squares add up: the norm of
-            # the delta of the whole accumulated batch.
-            squares = _flat(list(self._norms.values())).square()
-            out["delta_norm"] = NamedVector(names, _segment_sum(squares, self._norms).sqrt())
+            norms = _flat(list(self._norms.values()))
+            if len(norms) != len(names):
+                # Over several backward passes (accumulation) the squares add up: the norm
+                # of the delta of the whole accumulated batch.
+                norms = _segment_sum(norms.square(), self._norms).sqrt()
+            out["delta_norm"] = NamedVector(names, norms)
             out["_backward_order"] = list(names)
         if self._extrema:
             names = tuple(self._extrema)
@@ -181,9 +183,7 @@ def _segment_ids(groups: dict[str, list[torch.Tensor]], device: torch.device) ->
 
 
 def _segment_sum(values: torch.Tensor, groups: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-    """Per group, the sum of its values (the common case, one value per group: as is)."""
-    if len(values) == len(groups):
-        return values
+    """Per group, the sum of its values."""
     total = torch.zeros(len(groups), dtype=values.dtype, device=values.device)
     return total.index_add_(0, _segment_ids(groups, values.device), values)
 
