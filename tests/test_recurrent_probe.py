@@ -316,3 +316,41 @@ def test_bias_free_module_equals_zero_bias_module(cls):
     a = run_probed(free, x, lambda out, h, c: out[-1].pow(2).sum())["<root>"]
     b = run_probed(zero, x, lambda out, h, c: out[-1].pow(2).sum())["<root>"]
     assert rel_err(a["dh_norm"], b["dh_norm"]) < 1e-12
+
+
+def test_language_model_loss_profile_equals_hand_unrolled():
+    # A real training loss (embedding, 2-layer LSTM with carried state, decoder,
+    # cross-entropy over every position) through the probe end to end.
+    torch.manual_seed(4)
+    vocab, T, B = 11, 8, 3
+    emb, rnn, dec = nn.Embedding(vocab, 5), nn.LSTM(5, 6, num_layers=2), nn.Linear(6, vocab)
+    model = nn.ModuleList([emb, rnn, dec]).double()
+    tokens, targets = torch.randint(0, vocab, (T, B)), torch.randint(0, vocab, (T, B))
+    h0, c0 = torch.randn(2, B, 6, dtype=torch.float64), torch.randn(2, B, 6, dtype=torch.float64)
+
+    def lm_loss(out):
+        return nn.functional.cross_entropy(dec(out).flatten(0, 1), targets.flatten())
+
+    probe = RecurrentProbe()
+    probe.attach(LayerIndex(model))
+    out, _ = rnn(emb(tokens), (h0, c0))
+    lm_loss(out).backward()
+    (rec,) = materialize(probe.collect(0))["recurrent"].values()
+    probe.detach()
+
+    x = emb(tokens).detach()
+    out, _, _, states = hand_unroll(rnn, x, h0, c0)
+    lm_loss(out).backward()
+    for sfx, (hs, cs) in states.items():
+        assert rel_err(rec["streams"][sfx]["dh_norm"], [h.grad.norm().item() for h in hs]) < 1e-6
+        assert rel_err(rec["streams"][sfx]["dc_norm"], [c.grad.norm().item() for c in cs]) < 1e-6
+
+    out, _, _, states = hand_unroll(rnn, x, h0, c0)  # the loss at the last position only
+    keep_last = torch.zeros(T, 1, 1, dtype=torch.float64)
+    keep_last[-1] = 1
+    lm_loss(out * keep_last).backward()
+    for sfx, (hs, cs) in states.items():
+        want = [h.grad.norm().item() for h in hs]
+        assert rel_err(rec["streams"][sfx]["dh_norm_last"], want) < 1e-6, sfx
+        want_c = [c.grad.norm().item() for c in cs]
+        assert rel_err(rec["streams"][sfx]["dc_norm_last"], want_c) < 1e-6, sfx

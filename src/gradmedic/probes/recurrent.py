@@ -5,10 +5,10 @@ part of the gradient at step ``t``; the total derivative also flows back from
 step ``t+1`` through the recurrence, inside the fused RNN kernel where no hook
 reaches. This probe therefore captures the module's input, initial state and the
 gradients arriving at its outputs, and at record time re-runs the cell step by
-step with the module's own (detached) weights, seeds the unrolled graph with the
-captured output gradients and reads ``dL/dh_t`` (and ``dL/dc_t`` for LSTM) for
-every step, layer and direction with :func:`torch.autograd.grad`. The model's
-outputs, gradients and RNG are untouched.
+step with the module's own weights and backpropagates the captured output
+gradients through time by hand (:mod:`gradmedic.probes.bptt`, no autograd graph),
+reading ``dL/dh_t`` (and ``dL/dc_t`` for LSTM) at every step, layer and direction.
+The model's outputs, parameters, gradients and RNG are untouched.
 
 Cell equations (PyTorch's documentation, gates stacked in this order):
 
@@ -19,6 +19,23 @@ Cell equations (PyTorch's documentation, gates stacked in this order):
   ``n = tanh(W_in x_t + b_in + r * (W_hn h_{t-1} + b_hn))``, ``h_t = (1 - z) * n + z * h_{t-1}``
   (PyTorch's ``z`` is the fraction of the old state *kept*).
 
+Backward, with ``g_t`` the gradient arriving at ``h_t`` from the loss or the layer
+above, ``s' = s (1 - s)`` for a sigmoid, ``u' = 1 - u^2`` for a tanh and
+``W = W_hh``: every cell ends a step with ``dh_{t-1} = g_{t-1} + da_t W`` (GRU:
+``+ z dh_t`` and ``r`` scaling the ``n`` block), where
+
+* RNN: ``da_t = dh_t act'(a_t)``;
+* LSTM: ``dm_t = dh_t W_hr``, ``dc_t = dc_{t+1} f_{t+1} + dm_t o tanh'(c_t)``,
+  ``da_t = [dc_t g i', dc_t c_{t-1} f', dc_t i g', dm_t tanh(c_t) o']``;
+* GRU: ``da_n = dh_t (1 - z) n'``, ``da_z = dh_t (h_{t-1} - n) z'``,
+  ``da_r = da_n (W_hn h_{t-1} + b_hn) r'``.
+
+The factors multiplying ``dh_t`` / ``dc_t`` are taken for all steps at once after the
+forward, the layer input's gradient ``da W_ih`` in one matmul; the layer below is
+seeded with it (summed over directions). Streams are processed in their own order
+(the reverse direction from ``t = T-1`` down); ``h_n`` / ``c_n`` seeds join each
+stream's last processed step.
+
 Dropout between layers is not replayed (the recomputation is the deterministic
 network), and ``PackedSequence`` inputs are skipped.
 """
@@ -28,16 +45,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from gradmedic.hooks import ModuleHooks
 from gradmedic.layers import RECURRENT_TYPES, ROOT_NAME, LayerIndex
 from gradmedic.probes.base import Probe
+from gradmedic.probes.bptt import Recurrence, StateGrads, recurrence
 from gradmedic.probes.spectra import RecurrentSpectra
 from gradmedic.tensorlists import mean_std
 
@@ -87,9 +104,11 @@ class RecurrentProbe(Probe):
     ``dh_norm_last`` (and ``dc_norm_last``) propagates only the gradient arriving
     at the last processed step, isolating how the recurrence scales it.
 
-    Cost: one unrolled forward and backward (gradients of the states only) per
-    recorded step and module, in Python-level steps, plus the spectra (reused while
-    ``W_hh`` moves less than 1%, see :class:`~gradmedic.probes.spectra.RecurrentSpectra`);
+    Cost: one unrolled forward and hand-written backward (gradients of the states
+    only, no autograd) per recorded step and module, in Python-level steps (about 7
+    small ops forward and 5 backward per time step of an LSTM), plus the spectra
+    (reused while ``W_hh`` moves less than 1%, see
+    :class:`~gradmedic.probes.spectra.RecurrentSpectra`);
     a few host synchronisations at record time. Use ``every`` or ``max_batch`` to
     bound it (``benchmarks/recurrent_overhead.py``).
 
@@ -253,8 +272,7 @@ class RecurrentProbe(Probe):
         # Whether the loss read early outputs is a device flag: the isolated profile is
         # always computed and dropped on read when it would equal dh_norm (no host read).
         isolate = early is not None
-        with torch.enable_grad():
-            streams = unrolled_gradients(module, cap.x, cap.hx, cap.cx, seeds, isolate)
+        streams = unrolled_gradients(module, cap.x, cap.hx, cap.cx, seeds, isolate)
         for stream, stats in streams.items():
             stats["sigma_max"], stats["spectral_radius"] = self._spectra[key](module, stream)
         last = streams[f"l{module.num_layers - 1}"]
@@ -328,9 +346,10 @@ def unrolled_gradients(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-step gradient norms of an unrolled recurrent module.
 
-    Re-runs ``module`` step by step on ``x`` with its detached weights, then
-    backpropagates ``sum(out * seeds["out"]) + sum(h_n * seeds["h_n"]) +
-    sum(c_n * seeds["c_n"])`` to every state with one :func:`torch.autograd.grad`.
+    Re-runs ``module`` step by step on ``x`` with its weights and backpropagates
+    ``sum(out * seeds["out"]) + sum(h_n * seeds["h_n"]) + sum(c_n * seeds["c_n"])``
+    through time by hand (:mod:`gradmedic.probes.bptt`), layer by layer from the top,
+    to every state. No autograd graph is built; parameters, ``.grad`` and RNG are untouched.
 
     Args:
         module: An ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU`` (its ``batch_first`` is ignored).
@@ -340,166 +359,130 @@ def unrolled_gradients(
         seeds: ``dL/d(output)`` as ``"out"`` (time-major), ``"h_n"``, ``"c_n"``; missing
             keys count as zero.
         isolate: Also propagate only the seed at the last processed step
-            (``dh_norm_last``), by running a second copy of the batch.
+            (``dh_norm_last``), as a second copy of the seeds sharing the forward.
 
     Returns:
         ``{stream: {"dh_norm": (T,), "dc_norm": (T,), gate stats...}}`` as tensors.
     """
-    batch = x.shape[1]
-    if isolate:
-        x = torch.cat([x, x], dim=1)
-        h0 = None if h0 is None else torch.cat([h0, h0], dim=1)
-        c0 = None if c0 is None else torch.cat([c0, c0], dim=1)
+    with torch.no_grad():
+        cells = _run_forward(module, x, h0, c0)
+        grads = _backpropagate(module, cells, *_output_seeds(module, x, seeds, isolate))
+        return {s: _stream_stats(cells[s], grads[s], isolate) for s in cells}
+
+
+def _stream_name(layer: int, direction: int) -> str:
+    return f"l{layer}" + ("_reverse" if direction else "")
+
+
+def _output_width(module: nn.RNNBase) -> int:
+    """``H_out``: the projection size of a projected LSTM, else the hidden size."""
+    return module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+
+
+def _twice(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch (dim 1) twice: the second copy carries the isolated profile's seeds."""
+    return None if t is None else torch.cat([t, t], dim=1)
+
+
+def _run_forward(
+    module: nn.RNNBase, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None
+) -> dict[str, Recurrence]:
+    """Every layer/direction run forward (each keeping its local derivatives), bottom up."""
     dirs = 2 if module.bidirectional else 1
-    h_out = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    batch, h_out = x.shape[1], _output_width(module)
     lstm = module.mode == "LSTM"
-    states: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]] = {}
+    cells: dict[str, Recurrence] = {}
     layer_in = x
-    h_n, c_n = [], []
     for layer in range(module.num_layers):
         outs = []
         for d in range(dirs):
-            stream = f"l{layer}" + ("_reverse" if d else "")
             k = layer * dirs + d
-            h = x.new_zeros(x.shape[1], h_out) if h0 is None else h0[k]
-            c = x.new_zeros(x.shape[1], module.hidden_size) if c0 is None else c0[k]
-            h = h.detach().requires_grad_()  # makes the whole unrolled graph differentiable
-            hs, cs, gate = _run_cell(module, stream, layer_in, h, c if lstm else None, bool(d))
-            states[stream] = (hs, cs, gate)
-            outs.append(torch.stack(hs))
-            h_n.append(hs[0] if d else hs[-1])
-            if lstm:
-                c_n.append(cs[0] if d else cs[-1])
+            h = x.new_zeros(batch, h_out) if h0 is None else h0[k]
+            c = x.new_zeros(batch, module.hidden_size) if c0 is None else c0[k]
+            stream = _stream_name(layer, d)
+            cell = cells[stream] = recurrence(module, stream, reverse=bool(d))
+            outs.append(cell.forward(layer_in, h, c if lstm else None))
         layer_in = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
-
-    c_last = torch.stack(c_n) if lstm else None
-    total = _seeded(layer_in, torch.stack(h_n), c_last, seeds, dirs, isolate)
-    tensors = [t for hs, cs, _ in states.values() for t in (*hs, *cs)]
-    grads = iter(torch.autograd.grad(total, tensors, allow_unused=True))
-
-    result: dict[str, dict[str, torch.Tensor]] = {}
-    for stream, (hs, cs, gate) in states.items():
-        stats: dict[str, torch.Tensor] = {}
-        g_h = _stack_grads([next(grads) for _ in hs], hs)
-        g_c = _stack_grads([next(grads) for _ in cs], cs) if cs else None
-        stats["dh_norm"] = _norms(g_h[:, :batch])
-        if g_c is not None:
-            stats["dc_norm"] = _norms(g_c[:, :batch])
-        if isolate:
-            stats["dh_norm_last"] = _norms(g_h[:, batch:])
-            if g_c is not None:
-                stats["dc_norm_last"] = _norms(g_c[:, batch:])
-        if gate is not None:
-            label = "forget_gate" if lstm else "update_gate"
-            mean, std = mean_std(gate[:, :batch].flatten(1), dim=1)
-            stats[f"{label}_mean"], stats[f"{label}_std"] = mean, std
-        result[stream] = stats
-    return result
+    return cells
 
 
-def _seeded(
-    out: torch.Tensor,
-    h_n: torch.Tensor,
-    c_n: torch.Tensor | None,
-    seeds: dict[str, torch.Tensor],
-    dirs: int,
-    isolate: bool,
-) -> torch.Tensor:
-    """``<out, g_out> + <h_n, g_h> + <c_n, g_c>``.
+def _output_seeds(
+    module: nn.RNNBase, x: torch.Tensor, seeds: dict[str, torch.Tensor], isolate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``dL/d(out)`` (zeros when absent), ``dL/dh_n``, ``dL/dc_n`` for the batch ``x``.
 
-    With ``isolate`` the second half of the batch keeps only the output gradient at
-    each direction's last processed step (``t = T-1`` forward, ``t = 0`` reverse).
+    With ``isolate`` every seed is stacked twice along the batch; the second copy keeps
+    only the output gradient at each direction's last processed step (``t = T-1``
+    forward, ``t = 0`` reverse).
     """
+    dirs = 2 if module.bidirectional else 1
+    g_h, g_c = (None if g is None else g.to(x.dtype) for g in (seeds.get("h_n"), seeds.get("c_n")))
     g_out = seeds.get("out")
-    if g_out is not None and isolate:
-        only_last = torch.zeros_like(g_out)
-        width = g_out.shape[-1] // dirs
-        only_last[-1, :, :width] = g_out[-1, :, :width]
-        if dirs == 2:
-            only_last[0, :, width:] = g_out[0, :, width:]
-        g_out = torch.cat([g_out, only_last], dim=1)
-    total = out.new_zeros(())
-    if g_out is not None:
-        total = total + (out * g_out).sum()
-    for name, value in (("h_n", h_n), ("c_n", c_n)):
-        g = seeds.get(name)
-        if g is not None and value is not None:
-            total = total + (value * (torch.cat([g, g], dim=1) if isolate else g)).sum()
-    return total
+    if g_out is None:
+        g_out = x.new_zeros(x.shape[0], x.shape[1], dirs * _output_width(module))
+    g_out = g_out.to(x.dtype)
+    if not isolate:
+        return g_out, g_h, g_c
+    only_last = torch.zeros_like(g_out)
+    width = g_out.shape[-1] // dirs
+    only_last[-1, :, :width] = g_out[-1, :, :width]
+    if dirs == 2:
+        only_last[0, :, width:] = g_out[0, :, width:]
+    return torch.cat([g_out, only_last], dim=1), _twice(g_h), _twice(g_c)
 
 
-def _norms(grads: torch.Tensor) -> torch.Tensor:
-    # float64: squaring a 1e-25 float32 gradient underflows, and vanishing profiles get there
-    return torch.linalg.vector_norm(grads.flatten(1), dim=1, dtype=torch.float64)
-
-
-def _stack_grads(grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(
-        [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
-    )
-
-
-def _run_cell(
+def _backpropagate(
     module: nn.RNNBase,
-    stream: str,
-    x: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor | None,
-    reverse: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
-    """Unroll one layer/direction; states are returned in time order.
+    cells: dict[str, Recurrence],
+    g_out: torch.Tensor,
+    g_h: torch.Tensor | None,
+    g_c: torch.Tensor | None,
+) -> dict[str, StateGrads]:
+    """Every stream's state gradients, top layer down.
 
-    Fused where PyTorch offers it (few autograd nodes per step): biases folded into
-    the input projections, ``addmm`` for the recurrent product, one sigmoid over all
-    LSTM gates, ``addcmul`` for the cell update, ``lerp`` for the GRU state mix.
+    A layer's output gradient is split between its directions; the gradient of its
+    input (summed over the directions that read it) is the output gradient of the layer
+    below. ``h_n`` / ``c_n`` seeds go to each stream's last processed state.
     """
-    w_ih = getattr(module, f"weight_ih_{stream}").detach()
-    w_hh_t = getattr(module, f"weight_hh_{stream}").detach().T
-    b_ih = _bias(module, f"bias_ih_{stream}")
-    b_hh = _bias(module, f"bias_hh_{stream}")
-    w_hr = getattr(module, f"weight_hr_{stream}", None)
-    w_hr = None if w_hr is None else w_hr.detach()
-    hidden = module.hidden_size
-    mode = module.mode
-    xi = F.linear(x, w_ih, b_ih)  # all input projections in one matmul
-    if b_hh is not None and mode != "GRU":
-        xi = xi + b_hh
-    # One view per time step, taken once: indexing the projections by t inside the loop
-    # makes the backward of every step zero-fill a gradient the size of all of them (they
-    # require grad above layer 0); those fills were 40% of an LSTM LM's recomputation.
-    steps = xi.unbind(0)
-    order = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-    hs: list[torch.Tensor] = []
-    cs: list[torch.Tensor] = []
-    gates: list[torch.Tensor] = []
-    for t in order:
-        if mode == "LSTM":
-            pre = torch.addmm(steps[t], h, w_hh_t)
-            i, f, _, o = torch.sigmoid(pre).chunk(4, dim=-1)
-            c_prev = cast(torch.Tensor, c)  # an LSTM always carries a cell state
-            c = torch.addcmul(f * c_prev, i, torch.tanh(pre[:, 2 * hidden : 3 * hidden]))
-            h = o * torch.tanh(c)
-            if w_hr is not None:
-                h = F.linear(h, w_hr)
-            cs.append(c)
-            gates.append(f.detach())
-        elif mode == "GRU":
-            gh = torch.mm(h, w_hh_t) if b_hh is None else torch.addmm(b_hh, h, w_hh_t)
-            r, z = torch.sigmoid(steps[t][:, : 2 * hidden] + gh[:, : 2 * hidden]).chunk(2, dim=-1)
-            n = torch.tanh(torch.addcmul(steps[t][:, 2 * hidden :], r, gh[:, 2 * hidden :]))
-            h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
-            gates.append(z.detach())
-        else:
-            pre = torch.addmm(steps[t], h, w_hh_t)
-            h = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
-        hs.append(h)
-    if reverse:
-        hs.reverse()
-        cs.reverse()
-        gates.reverse()
-    return hs, cs, (torch.stack(gates) if gates else None)
+    dirs = 2 if module.bidirectional else 1
+    grads: dict[str, StateGrads] = {}
+    for layer in reversed(range(module.num_layers)):
+        width = g_out.shape[-1] // dirs
+        streams = [_stream_name(layer, d) for d in range(dirs)]
+        for d, stream in enumerate(streams):
+            k = layer * dirs + d
+            grads[stream] = cells[stream].backward(
+                g_out[..., d * width : (d + 1) * width],
+                None if g_h is None else g_h[k],
+                None if g_c is None else g_c[k],
+                input_grad=layer > 0,
+            )
+        if layer:
+            parts = [cells[s].input_gradient(grads[s]) for s in streams]
+            g_out = parts[0] if dirs == 1 else parts[0].add_(parts[1])
+    return grads
 
 
-def _bias(module: nn.RNNBase, name: str) -> torch.Tensor | None:
-    b = getattr(module, name, None)
-    return None if b is None else b.detach()
+def _stream_stats(cell: Recurrence, grads: StateGrads, isolate: bool) -> dict[str, torch.Tensor]:
+    """Per-step norms of the state gradients (and of the isolated copy's), gate statistics."""
+    copies = 2 if isolate else 1
+    dh = _norms(grads.dh, copies)
+    dc = None if grads.dc is None else _norms(grads.dc, copies)
+    stats = {"dh_norm": dh[0]}
+    if dc is not None:
+        stats["dc_norm"] = dc[0]
+    if isolate:
+        stats["dh_norm_last"] = dh[1]
+        if dc is not None:
+            stats["dc_norm_last"] = dc[1]
+    if cell.gate is not None and cell.gate_label is not None:
+        mean, std = mean_std(cell.gate.flatten(1), dim=1)
+        stats[f"{cell.gate_label}_mean"], stats[f"{cell.gate_label}_std"] = mean, std
+    return stats
+
+
+def _norms(grads: torch.Tensor, copies: int) -> torch.Tensor:
+    """``(copies, T)``: the L2 norm at every step of each batch copy of ``(T, copies * B, ...)``."""
+    # float64: squaring a 1e-25 float32 gradient underflows, and vanishing profiles get there
+    per_copy = grads.reshape(grads.shape[0], copies, -1)
+    return torch.linalg.vector_norm(per_copy, dim=2, dtype=torch.float64).T.contiguous()
