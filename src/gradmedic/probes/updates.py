@@ -185,10 +185,8 @@ class UpdateProbe(Probe):
         with torch.no_grad():
             _, views = self._views(group)
             self._one = _one_buffer(views)
-            if self._one:  # row 0 the copy, row 1 for the values after: one reduction of both
-                pair = views[0].new_empty((2, sum(v.numel() for v in views)))
-                torch.cat(views, out=pair[0])
-                self._snapshot = [pair]
+            if self._one:  # one copy kernel, and one reduction of both statistics after
+                self._snapshot = [torch.cat(views)]
             else:
                 self._snapshot = list(torch._foreach_mul(views, 1.0))
         self._group, self._keep = group, keep
@@ -253,23 +251,25 @@ class UpdateProbe(Probe):
         self,
         views: list[torch.Tensor],
         full: list[torch.Tensor],
-        pair: torch.Tensor,
+        snap: torch.Tensor,
         group: _Group,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-parameter ``||dw||`` and ``||w||`` from the one-buffer copy (one segmented sum).
 
-        ``pair`` holds the copy in row 0; the values after the step go to row 1 and
-        become the difference, then both rows are squared in place and summed per
-        parameter at once. Half precision is upcast to float32 sums, as
-        ``foreach_norms`` with ``upcast`` takes them.
+        Only the copy ``snap`` is held across the optimizer step. Here a transient
+        ``(2, N)`` buffer takes the copy (row 0) and the difference (row 1); both rows
+        are squared in place and summed per parameter at once. Half precision is
+        upcast to float32 sums, as ``foreach_norms`` with ``upcast`` takes them.
         """
         lengths = self._lengths.get(group)
-        if lengths is None or lengths.device != pair.device:
-            lengths = torch.tensor([v.numel() for v in views], device=pair.device).expand(2, -1)
+        if lengths is None or lengths.device != snap.device:
+            lengths = torch.tensor([v.numel() for v in views], device=snap.device).expand(2, -1)
             self._lengths = {group: lengths}  # one group is measured at a time
-        torch.cat([v.reshape(-1) for v in views], out=pair[1])
-        pair[1].sub_(pair[0])
+        pair = snap.new_empty((2, snap.numel()))
+        torch.cat(views, out=pair[1])
+        pair[1].sub_(snap)
+        pair[0].copy_(snap)
         if pair.dtype in (torch.float16, torch.bfloat16):
             pair = pair.float()
         sums = torch.segment_reduce(pair.square_(), "sum", lengths=lengths, axis=1)
