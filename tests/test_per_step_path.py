@@ -26,8 +26,12 @@ class TwoHeads(nn.Module):
         self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
         self.head = nn.Linear(8, 3)
 
+    fail = False  # raise after the body ran (an out-of-memory error in the head, say)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
+        if self.fail:
+            raise RuntimeError("out of memory")
         return features * 2.0, self.head(features)
 
 
@@ -53,19 +57,72 @@ def test_a_loss_that_skips_the_first_output_still_ends_the_backward_pass_for_the
     assert row["global_grad_norm"] == pytest.approx(want / 10, rel=1e-4)
 
 
-def test_a_gradient_cleared_after_backward_is_not_taken_from_the_snapshot() -> None:
+@pytest.mark.parametrize("cleared", ["4.weight", "2.weight"])  # the last one, one in the middle
+def test_a_gradient_cleared_after_backward_is_not_taken_from_the_snapshot(cleared: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     x = torch.randn(8, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradmedic.watch(model, opt) as mon:
+        for _ in range(2):  # the second record: the layer order is fixed by then
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            model.get_parameter(cleared).grad = None  # frozen for this step
+            kept = {
+                n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None
+            }
+            opt.step()
+            row = mon.history.rows()[-1]
+            assert set(row["param_grad_norm"]) == set(kept)
+            for name, want in kept.items():
+                assert row["param_grad_norm"][name] == pytest.approx(want, rel=1e-6)
+            total = sum(v * v for v in kept.values()) ** 0.5
+            assert row["global_grad_norm"] == pytest.approx(total, rel=1e-6)
+
+
+class Reordered(nn.Module):
+    """Registers its layers in the opposite order to the one its forward runs them in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = nn.Linear(8, 1)
+        self.middle = nn.Linear(8, 8)
+        self.first = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.tanh(self.middle(torch.tanh(self.first(x)))))
+
+
+def test_the_first_record_maps_its_snapshot_onto_the_forward_order() -> None:
+    torch.manual_seed(0)
+    model, x = Reordered(), torch.randn(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradmedic.watch(model, opt) as mon:
         model(x).square().mean().backward()
-        model[4].weight.grad = None  # the last gradient: the sentinel that tells
+        want = {n: p.grad.norm().item() for n, p in model.named_parameters()}
         opt.step()
-    row = mon.history.rows()[-1]
-    assert "4.weight" not in row["param_grad_norm"]
-    want = model[0].weight.grad.norm().item()
-    assert row["param_grad_norm"]["0.weight"] == pytest.approx(want, rel=1e-6)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # after the record: no effect
+    row = mon.history.rows()[0]
+    assert list(row["grad_norm"]) == ["first", "middle", "last"]  # input to output
+    assert "pre_clip_grad_norm" not in row  # nothing clipped before the record
+    for name, value in want.items():
+        assert row["param_grad_norm"][name] == pytest.approx(value, rel=1e-6)
+
+
+def test_after_a_forward_that_raises_the_next_backward_end_is_still_seen() -> None:
+    torch.manual_seed(0)
+    model, x = TwoHeads(), torch.randn(5, 6)
+    want = _global_norm(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradmedic.watch(model, opt) as mon:
+        model.fail = True
+        with pytest.raises(RuntimeError):
+            model(x)  # raises after the first layer's output was seen
+        model.fail = False
+        model(x)[1].square().mean().backward()  # the loss skips the first output again
+        torch.nn.utils.clip_grad_norm_(model.parameters(), want / 10)
+        opt.step()
+    assert mon.history.rows()[-1]["clip"]["pre_norm"] == pytest.approx(want, rel=1e-5)
 
 
 def test_rotating_shares_leave_no_hook_guard_or_wrapper_behind() -> None:

@@ -68,11 +68,21 @@ class ModuleHooks:
         self._wrapped: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}
 
     def forward(
-        self, module: nn.Module, hook: Callable[..., None], *, with_kwargs: bool = False
+        self,
+        module: nn.Module,
+        hook: Callable[..., None],
+        *,
+        with_kwargs: bool = False,
+        always_call: bool = False,
     ) -> None:
-        """Register ``hook(module, inputs, output)`` (or with kwargs) on ``module``."""
-        wrapped = self._wrapper(hook)
-        self._keep(module, module.register_forward_hook(wrapped, with_kwargs=with_kwargs))
+        """Register ``hook(module, inputs, output)`` (or with kwargs) on ``module``.
+
+        ``always_call``: also when the forward raises (then with ``output=None``).
+        """
+        handle = module.register_forward_hook(
+            self._wrapper(hook), with_kwargs=with_kwargs, always_call=always_call
+        )
+        self._keep(module, handle)
 
     def forward_pre(self, module: nn.Module, hook: Callable[..., None]) -> None:
         """Register ``hook(module, inputs)`` on ``module``."""

@@ -507,7 +507,9 @@ class Monitor:
 
     def _backward_ended(self) -> None:
         self._backward_done = True
-        if self._recording():
+        # Once the step is recorded (a closure the optimizer calls again: LBFGS, SAM),
+        # a later backward's gradients are not this record's: no snapshot holds them.
+        if self._recording() and self._pending is None:
             self._guarded(self._gradients.snapshot)
 
     def _skip_iteration(self) -> None:
@@ -661,7 +663,11 @@ class Monitor:
         self.disabled = True
         self._pending = None
         for probe in self.probes:
-            probe.set_recording(False)
+            try:  # what a probe holds for the failed step (gradients, copies) is let go
+                probe.reset()
+                probe.set_recording(False)
+            except Exception:  # already failing: the warning below says so
+                pass
         warnings.warn(
             f"gradmedic: {where} failed ({exc!r}); monitoring is off for the rest of this run, "
             f"the {len(self.history)} records taken so far are kept",

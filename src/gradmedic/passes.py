@@ -62,7 +62,9 @@ class PassWatch:
         self._hooks = ModuleHooks()
         for module in {id(m): m for m in modules}.values():
             self._hooks.forward_pre(module, self._forward_started)
-            self._hooks.forward(module, self._forward_done)
+            # A root's forward that raises (an out-of-memory retry) still closes its pass.
+            always = id(module) in self._roots
+            self._hooks.forward(module, self._forward_done, always_call=always)
 
     def remove(self) -> None:
         """Remove the hooks."""

@@ -6,8 +6,8 @@ import math
 import weakref
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import is_not
-from typing import Any
+from operator import is_, is_not
+from typing import Any, cast
 
 import torch
 
@@ -85,27 +85,70 @@ class GradientProbe(Probe):
             self._snapshot = None
             return
         l2, amax = self._norms(grads, grads[0].device, positions=positions)
+        # FSDP1 records its flat slices without the snapshot: hold no gradient for it
+        held = () if fsdp1_group(self.index.model) is not None else tuple(grads)  # type: ignore[union-attr]
         self._snapshot = _Snapshot(
             self.index.params,  # type: ignore[union-attr]
             positions,
-            tuple(grads),
+            held,
             tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
             l2,  # type: ignore[arg-type]
             amax,
         )
 
     def changed_since_snapshot(self) -> bool:
-        """Whether a gradient was replaced, cleared or modified in place since the snapshot."""
+        """Whether a gradient was replaced, cleared or modified in place since the snapshot.
+
+        Clearing, clipping and unscaling touch every gradient: the first and the last
+        one tell (:meth:`_same_grads` checks every gradient's identity when it matters).
+        """
         snap = self._snapshot
-        if snap is None or self.index is None:
+        if snap is None:
             return False
-        params = self.index.params
-        # Clearing, clipping and unscaling touch every gradient: the first and last tell.
         for k, (ident, version) in zip((0, -1), snap.sentinels, strict=True):
-            g = params[snap.positions[k]].grad
+            g = snap.params[snap.positions[k]].grad
             if g is None or id(g) != ident or version_of(g) != version:
                 return True
         return False
+
+    def _same_grads(self, snap: _Snapshot) -> bool:
+        """Whether every parameter still holds the gradient tensor the snapshot read.
+
+        A gradient set to None or replaced in the middle of the list (a layer frozen
+        for one step) is caught here; one that appears where there was none, without
+        a backward pass, is not looked for.
+        """
+        params = snap.params
+        return all(map(is_, (params[i].grad for i in snap.positions), snap.grads))
+
+    def _aligned(self) -> _Snapshot | None:
+        """The snapshot in the index's current parameter order.
+
+        The first record orders the layers as their forwards ran, which rebuilds
+        ``index.params``: the snapshot's positions and vectors are mapped onto the new
+        list by parameter identity (once; None if a parameter left the index).
+        """
+        snap, index = self._snapshot, self.index
+        if snap is None or index is None or snap.params is index.params:
+            return snap
+        where = {id(p): i for i, p in enumerate(index.params)}
+        found = [where.get(id(snap.params[i])) for i in snap.positions]
+        if any(i is None for i in found):
+            return None
+        moved = cast("list[int]", found)
+        order = sorted(range(len(moved)), key=lambda k: moved[k])
+        take = torch.tensor(order, device=snap.norms.device)
+        grads = tuple(snap.grads[k] for k in order)
+        snap = _Snapshot(
+            index.params,
+            tuple(moved[k] for k in order),
+            grads,
+            tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
+            snap.norms[take],
+            snap.maxes[take],
+        )
+        self._snapshot = snap
+        return snap
 
     def reset(self) -> None:
         """Drop norms offered or snapshotted for the finished step."""
@@ -156,16 +199,11 @@ class GradientProbe(Probe):
         index = self.index
         if index is not None and fsdp1_group(index.model) is not None:
             return self._collect_flat_shards(index)  # FSDP1: every rank its flat slices
-        snap = self._snapshot
         # GradScaler unscales in place without bumping version counters: with a loss
         # scale, the gradients are always read again.
-        unchanged = (
-            snap is not None
-            and index is not None
-            and snap.params is index.params  # not reordered since (positions still hold)
-            and self.loss_scale is None
-            and not self.changed_since_snapshot()
-        )
+        changed = self.loss_scale is not None or self.changed_since_snapshot()
+        snap = self._aligned()
+        unchanged = snap is not None and not changed and self._same_grads(snap)
         if unchanged:  # the gradients the backward pass left, as the snapshot listed them
             pos, grads = snap.positions, list(snap.grads)  # type: ignore[union-attr]
         else:

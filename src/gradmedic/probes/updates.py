@@ -136,8 +136,11 @@ class UpdateProbe(Probe):
         self._lengths: dict[_Group, torch.Tensor] = {}
         self._one = False  # the snapshot is one flat buffer
         self._stats: dict[_Group, _UpdateStats] = {}
+        #: Per group of the plan, device tensors made once: segment lengths, sampled places.
+        self._sampled_at: dict[_Group, torch.Tensor] = {}
+        self._scales: dict[_Group, torch.Tensor] = {}
         self._view_cache: (
-            tuple[_Group, tuple[int, ...], list[torch.Tensor], list[torch.Tensor]] | None
+            tuple[_Group, tuple[Any, ...], list[torch.Tensor], list[torch.Tensor]] | None
         ) = None
 
     def attach(self, index: LayerIndex) -> None:
@@ -154,7 +157,7 @@ class UpdateProbe(Probe):
         if key != self._plan_key:
             self._plan = plan_groups(self.index, positions) if positions else []
             self._plan_key, self._turn = key, 0
-            self._stats = {}
+            self._stats, self._lengths, self._sampled_at, self._scales = {}, {}, {}, {}
         return self._plan
 
     def before(self, keep: bool | torch.Tensor = True, advance: bool = True) -> None:
@@ -195,11 +198,11 @@ class UpdateProbe(Probe):
         """The group's rank-local parameters and their flat (sampled) views.
 
         Views of contiguous parameters are made once and reused while every
-        parameter keeps its storage (``p.data = ...`` or ``set_`` gives a new one).
+        parameter keeps its storage and layout (``p.data = ...`` or ``set_`` change them).
         """
         params = self.index.params  # type: ignore[union-attr]
         local = local_tensors([params[i] for i in group.positions])
-        ptrs = tuple(t.data_ptr() for t in local)
+        ptrs = tuple((t.data_ptr(), t.shape, t.stride()) for t in local)  # storage and layout
         cached = self._view_cache
         if cached is not None and cached[0] == group and cached[1] == ptrs:
             return cached[2], cached[3]
@@ -232,7 +235,7 @@ class UpdateProbe(Probe):
                 whole = [s if st == 1 else p for s, p, st in triples]
                 old = stack_on(foreach_norms(whole, upcast=True), device)
             if any(s != 1 for s in group.strides):
-                upd = upd * torch.tensor(group.scales, dtype=upd.dtype, device=device)
+                upd = upd * self._scales_of(group, upd)
             # sharded parameters: the local pieces' norms made the whole tensors' (a collective)
             upd, old = whole_norms([params[i] for i in group.positions], upd, old)
         # Per layer on read (_UpdateStats): per step only the per-parameter vectors.
@@ -264,22 +267,35 @@ class UpdateProbe(Probe):
         """
         lengths = self._lengths.get(group)
         if lengths is None or lengths.device != snap.device:
+            # one host-to-device copy per group and plan, not per measurement
             lengths = torch.tensor([v.numel() for v in views], device=snap.device).expand(2, -1)
-            self._lengths = {group: lengths}  # one group is measured at a time
+            self._lengths[group] = lengths
         pair = snap.new_empty((2, snap.numel()))
         torch.cat(views, out=pair[1])
         pair[1].sub_(snap)
         pair[0].copy_(snap)
         if pair.dtype in (torch.float16, torch.bfloat16):
             pair = pair.float()
-        sums = torch.segment_reduce(pair.square_(), "sum", lengths=lengths, axis=1)
+        # unsafe: the lengths are the probe's own, so no host read to check them
+        sums = torch.segment_reduce(pair.square_(), "sum", lengths=lengths, axis=1, unsafe=True)
         old, upd = sums.to(device, torch.float64).sqrt_().unbind()
         sampled = [p for p, st in zip(full, group.strides, strict=True) if st != 1]
         if sampled:  # a sampled parameter's ||w||: the whole tensor, after the step
-            where = [k for k, st in enumerate(group.strides) if st != 1]
+            where = self._sampled_at.get(group)
+            if where is None or where.device != device:
+                at = [k for k, st in enumerate(group.strides) if st != 1]
+                where = self._sampled_at[group] = torch.tensor(at, device=device)
             whole = stack_on(foreach_norms(sampled, upcast=True), device)
-            old = old.index_copy(0, torch.tensor(where, device=device), whole)
+            old = old.index_copy(0, where, whole)
         return upd, old
+
+    def _scales_of(self, group: _Group, like: torch.Tensor) -> torch.Tensor:
+        """``group.scales`` as a device vector (copied to the device once per plan)."""
+        scales = self._scales.get(group)
+        if scales is None or scales.device != like.device or scales.dtype != like.dtype:
+            scales = torch.tensor(group.scales, dtype=like.dtype, device=like.device)
+            self._scales[group] = scales
+        return scales
 
     def _stats_of(self, index: LayerIndex, group: _Group) -> _UpdateStats:
         """The per-layer writer of ``group`` (made once per plan: it only holds names)."""
