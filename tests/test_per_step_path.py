@@ -148,3 +148,23 @@ def test_rotating_shares_leave_no_hook_guard_or_wrapper_behind() -> None:
     probe.detach()
     assert all("__reduce_ex__" not in vars(m) for m in model.modules())
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_a_step_clipped_before_the_first_record_keeps_its_pre_clip_norms_per_layer() -> None:
+    torch.manual_seed(0)
+    model, x = Reordered(), torch.randn(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradmedic.watch(model, opt) as mon:
+        model(x).square().mean().backward()
+        per_layer = {
+            name: sum(p.grad.square().sum() for p in layer.parameters()).sqrt().item()
+            for name, layer in model.named_children()
+        }
+        total = sum(v * v for v in per_layer.values()) ** 0.5
+        torch.nn.utils.clip_grad_norm_(model.parameters(), total / 4)  # the layer order moves
+        opt.step()
+    row = mon.history.rows()[0]
+    assert row["clip"]["pre_norm"] == pytest.approx(total, rel=1e-5)
+    for name, value in per_layer.items():  # each pre-clip norm under its own layer's name
+        assert row["pre_clip_grad_norm"][name] == pytest.approx(value, rel=1e-5)
+        assert row["grad_norm"][name] == pytest.approx(value / 4, rel=1e-4)

@@ -81,17 +81,21 @@ class GradientProbe(Probe):
     def snapshot(self) -> None:
         """Read the per-parameter L2 norms and maxima now (the end of a backward pass)."""
         positions, grads = self._picked()
-        if not grads:
+        if not grads or self.index is None:
             self._snapshot = None
             return
         l2, amax = self._norms(grads, grads[0].device, positions=positions)
+        params = self.index.params
         # FSDP1 records its flat slices without the snapshot: hold no gradient for it
-        held = () if fsdp1_group(self.index.model) is not None else tuple(grads)  # type: ignore[union-attr]
+        held = () if fsdp1_group(self.index.model) is not None else tuple(grads)
         self._snapshot = _Snapshot(
-            self.index.params,  # type: ignore[union-attr]
+            params,
             positions,
             held,
-            tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
+            tuple(
+                (params[i], id(g), version_of(g))
+                for i, g in ((positions[0], grads[0]), (positions[-1], grads[-1]))
+            ),
             l2,  # type: ignore[arg-type]
             amax,
         )
@@ -105,8 +109,8 @@ class GradientProbe(Probe):
         snap = self._snapshot
         if snap is None:
             return False
-        for k, (ident, version) in zip((0, -1), snap.sentinels, strict=True):
-            g = snap.params[snap.positions[k]].grad
+        for param, ident, version in snap.sentinels:
+            g = param.grad
             if g is None or id(g) != ident or version_of(g) != version:
                 return True
         return False
@@ -143,7 +147,7 @@ class GradientProbe(Probe):
             index.params,
             tuple(moved[k] for k in order),
             grads,
-            tuple((id(g), version_of(g)) for g in (grads[0], grads[-1])),
+            snap.sentinels,  # as read at the end of backward: a change since still shows
             snap.norms[take],
             snap.maxes[take],
         )
@@ -303,8 +307,8 @@ class _Snapshot:
     positions: tuple[int, ...]
     #: The gradients read (held until the step is recorded or abandoned).
     grads: tuple[torch.Tensor, ...]
-    #: ``(id, version counter)`` of the first and the last gradient.
-    sentinels: tuple[tuple[int, int], ...]
+    #: ``(parameter, id of its gradient, version counter)``, first and last gradient read.
+    sentinels: tuple[tuple[torch.nn.Parameter, int, int], ...]
     norms: torch.Tensor
     maxes: torch.Tensor
 
