@@ -96,20 +96,14 @@ def extrema(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def abs_maxes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``max |t|`` of each tensor as one float64 vector on ``device`` (NaN propagates).
-
-    ``max(max, -min)`` from :func:`extrema`: several times faster than an infinity
-    norm (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``) on CPU, and
-    no ``|t|`` is allocated.
-    """
-    return _large_stats(tensors, device, norms=False)[1]
-
-
 def _large_stats(
     tensors: Sequence[torch.Tensor], device: torch.device, norms: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """L2 norms (float32 sums, half upcast; if ``norms``) and ``max |t|``, float64 vectors.
+
+    ``max |t|`` is ``max(max, -min)`` from :func:`extrema`: several times faster than
+    an infinity norm (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``) on
+    CPU, and no ``|t|`` is allocated. NaN propagates into both.
 
     A tensor of :data:`BACK_TO_BACK` elements or more has its norm, max and min taken
     one after the other, while it is still in cache (on a 20-layer MLP of 512 x 512

@@ -218,7 +218,7 @@ class GradientProbe(Probe):
             return {}
         device = grads[0].device
         if any_dtensor(grads):  # sharded: local statistics now, reduced when the record is read
-            return self._collect_sharded(index, pos, grads, snap)
+            return self._collect_sharded(index, pos, grads, snap, unchanged)
         pre: torch.Tensor | None = None
         if unchanged:
             l2, inf = snap.norms, snap.maxes  # type: ignore[union-attr]
@@ -226,10 +226,7 @@ class GradientProbe(Probe):
             offered = self._offered_norms(grads, device)
             computed, inf = self._norms(grads, device, offered is None, pos)
             l2 = offered if offered is not None else computed
-            if snap is not None:
-                pre = snap.norms.to(device)
-                if self.loss_scale is not None:
-                    pre = pre / self.loss_scale.to(device=device, dtype=pre.dtype)
+            pre = self._pre_clip(snap, device)
         # Per step only the per-parameter vectors and the global norm (for the norm-jump
         # rule) are computed; per-layer values and flags are derived when read.
         total = torch.linalg.vector_norm(l2)
@@ -257,24 +254,33 @@ class GradientProbe(Probe):
         qualified = tuple(index.param_names[i] for i in pos)
         return sharded_record(grads, l2, inf, None, seg, names, qualified, layout)  # type: ignore[arg-type]
 
+    def _pre_clip(self, snap: _Snapshot | None, device: torch.device) -> torch.Tensor | None:
+        """The snapshot's norms as pre-clip norms on ``device`` (unscaled by a GradScaler's)."""
+        if snap is None:
+            return None
+        pre = snap.norms.to(device)
+        if self.loss_scale is not None:
+            pre = pre / self.loss_scale.to(device=device, dtype=pre.dtype)
+        return pre
+
     def _collect_sharded(
-        self, index: LayerIndex, pos: tuple[int, ...], grads: list[torch.Tensor], snap: Any
+        self,
+        index: LayerIndex,
+        pos: tuple[int, ...],
+        grads: list[torch.Tensor],
+        snap: _Snapshot | None,
+        unchanged: bool,
     ) -> dict[str, Any]:
         self.last_total = None  # known only when read: the norm-jump rule stays off
         names, seg = index.segments(pos, torch.device("cpu"))
-        changed = snap is not None and (
-            self.loss_scale is not None or self.changed_since_snapshot()
-        )
         grads = without_partial(grads)
         pre = None
-        if snap is not None and not changed:
+        if unchanged and snap is not None:
             l2, inf = snap.norms, snap.maxes  # the local pieces', read at the end of backward
         else:
-            l2, inf = self._norms(grads, grads[0].device)
-            if snap is not None:
-                pre = snap.norms
-                if self.loss_scale is not None:
-                    pre = pre / self.loss_scale.to(device=pre.device, dtype=pre.dtype)
+            computed, inf = self._norms(grads, grads[0].device)
+            l2 = cast(torch.Tensor, computed)  # norms=True: always computed
+            pre = self._pre_clip(snap, grads[0].device)
         params = tuple(index.param_names[i] for i in pos)
         return sharded_record(grads, l2, inf, pre, seg, names, params)
 

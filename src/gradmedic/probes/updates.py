@@ -27,6 +27,7 @@ norm-jump rule, decided without a host read): the record carries it as
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,12 +134,10 @@ class UpdateProbe(Probe):
         self._result: dict[str, Any] = {}
         self._all_norms: torch.Tensor | None = None
         self._scanned = False
-        self._lengths: dict[_Group, torch.Tensor] = {}
         self._one = False  # the snapshot is one flat buffer
         self._stats: dict[_Group, _UpdateStats] = {}
-        #: Per group of the plan, device tensors made once: segment lengths, sampled places.
-        self._sampled_at: dict[_Group, torch.Tensor] = {}
-        self._scales: dict[_Group, torch.Tensor] = {}
+        #: Per (what, group) of the plan, small device tensors made once (see _constant).
+        self._constants: dict[tuple[str, _Group], torch.Tensor] = {}
         self._view_cache: (
             tuple[_Group, tuple[Any, ...], list[torch.Tensor], list[torch.Tensor]] | None
         ) = None
@@ -157,7 +156,7 @@ class UpdateProbe(Probe):
         if key != self._plan_key:
             self._plan = plan_groups(self.index, positions) if positions else []
             self._plan_key, self._turn = key, 0
-            self._stats, self._lengths, self._sampled_at, self._scales = {}, {}, {}, {}
+            self._stats, self._constants = {}, {}
         return self._plan
 
     def before(self, keep: bool | torch.Tensor = True, advance: bool = True) -> None:
@@ -235,7 +234,7 @@ class UpdateProbe(Probe):
                 whole = [s if st == 1 else p for s, p, st in triples]
                 old = stack_on(foreach_norms(whole, upcast=True), device)
             if any(s != 1 for s in group.strides):
-                upd = upd * self._scales_of(group, upd)
+                upd = upd * self._constant("scales", group, group.scales, upd.device, upd.dtype)
             # sharded parameters: the local pieces' norms made the whole tensors' (a collective)
             upd, old = whole_norms([params[i] for i in group.positions], upd, old)
         # Per layer on read (_UpdateStats): per step only the per-parameter vectors.
@@ -265,11 +264,8 @@ class UpdateProbe(Probe):
         are squared in place and summed per parameter at once. Half precision is
         upcast to float32 sums, as ``foreach_norms`` with ``upcast`` takes them.
         """
-        lengths = self._lengths.get(group)
-        if lengths is None or lengths.device != snap.device:
-            # one host-to-device copy per group and plan, not per measurement
-            lengths = torch.tensor([v.numel() for v in views], device=snap.device).expand(2, -1)
-            self._lengths[group] = lengths
+        sizes = [v.numel() for v in views]
+        lengths = self._constant("lengths", group, sizes, snap.device).expand(2, -1)
         pair = snap.new_empty((2, snap.numel()))
         torch.cat(views, out=pair[1])
         pair[1].sub_(snap)
@@ -281,21 +277,29 @@ class UpdateProbe(Probe):
         old, upd = sums.to(device, torch.float64).sqrt_().unbind()
         sampled = [p for p, st in zip(full, group.strides, strict=True) if st != 1]
         if sampled:  # a sampled parameter's ||w||: the whole tensor, after the step
-            where = self._sampled_at.get(group)
-            if where is None or where.device != device:
-                at = [k for k, st in enumerate(group.strides) if st != 1]
-                where = self._sampled_at[group] = torch.tensor(at, device=device)
+            at = [k for k, st in enumerate(group.strides) if st != 1]
+            where = self._constant("sampled", group, at, device)
             whole = stack_on(foreach_norms(sampled, upcast=True), device)
             old = old.index_copy(0, where, whole)
         return upd, old
 
-    def _scales_of(self, group: _Group, like: torch.Tensor) -> torch.Tensor:
-        """``group.scales`` as a device vector (copied to the device once per plan)."""
-        scales = self._scales.get(group)
-        if scales is None or scales.device != like.device or scales.dtype != like.dtype:
-            scales = torch.tensor(group.scales, dtype=like.dtype, device=like.device)
-            self._scales[group] = scales
-        return scales
+    def _constant(
+        self,
+        what: str,
+        group: _Group,
+        values: Sequence[float],
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """``values`` of ``group`` as a device tensor, copied to the device once per plan.
+
+        A host-to-device copy of a Python list is a synchronizing copy on CUDA: made on
+        every measurement, it would be a host sync per step.
+        """
+        made = self._constants.get((what, group))
+        if made is None or made.device != device or (dtype is not None and made.dtype != dtype):
+            made = self._constants[what, group] = torch.tensor(values, dtype=dtype, device=device)
+        return made
 
     def _stats_of(self, index: LayerIndex, group: _Group) -> _UpdateStats:
         """The per-layer writer of ``group`` (made once per plan: it only holds names)."""
