@@ -30,8 +30,10 @@ def _held_during_steps(probe: updates.UpdateProbe) -> list[int]:
     return held
 
 
-def test_update_copies_stay_within_budget_and_cover_every_layer(monkeypatch) -> None:
+@pytest.mark.parametrize("segments", [0, updates.FOREACH_SEGMENTS], ids=["segmented", "sliced"])
+def test_update_copies_stay_within_budget_and_cover_every_layer(monkeypatch, segments) -> None:
     monkeypatch.setattr(updates, "BUDGET_FLOOR", 1)  # the 5% rule alone, on a small model
+    monkeypatch.setattr(updates, "FOREACH_SEGMENTS", segments)  # both ways of summing
     torch.manual_seed(0)
     model = deep()
     total = sum(p.numel() for p in model.parameters())

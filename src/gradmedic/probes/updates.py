@@ -46,6 +46,12 @@ BUDGET_FRACTION = 0.05
 BUDGET_FLOOR = 1 << 14
 
 
+#: A one-buffer group of up to this many parameters gets its norms from the copy's slices
+#: (``torch._foreach_norm``); a larger one from one ``segment_reduce``. On CPU: 2 slices of
+#: 87k elements 83 vs 219 us, 100 slices of 264 elements 179 vs 60 us.
+FOREACH_SEGMENTS = 16
+
+
 @dataclass(frozen=True)
 class _Group:
     """Parameters measured together: positions in ``LayerIndex.params`` and sampling strides."""
@@ -257,24 +263,31 @@ class UpdateProbe(Probe):
         group: _Group,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-parameter ``||dw||`` and ``||w||`` from the one-buffer copy (one segmented sum).
+        """Per-parameter ``||dw||`` and ``||w||`` from the one-buffer copy.
 
-        Only the copy ``snap`` is held across the optimizer step. Here a transient
-        ``(2, N)`` buffer takes the copy (row 0) and the difference (row 1); both rows
-        are squared in place and summed per parameter at once. Half precision is
+        Only the copy ``snap`` is held across the optimizer step. With up to
+        :data:`FOREACH_SEGMENTS` parameters, a transient difference buffer and the copy
+        are split into per-parameter slices and normed in one fused call; with more, a
+        transient ``(2, N)`` buffer takes the copy (row 0) and the difference (row 1),
+        both rows squared in place and summed per parameter at once. Half precision is
         upcast to float32 sums, as ``foreach_norms`` with ``upcast`` takes them.
         """
         sizes = [v.numel() for v in views]
-        lengths = self._constant("lengths", group, sizes, snap.device).expand(2, -1)
-        pair = snap.new_empty((2, snap.numel()))
-        torch.cat(views, out=pair[1])
-        pair[1].sub_(snap)
-        pair[0].copy_(snap)
-        if pair.dtype in (torch.float16, torch.bfloat16):
-            pair = pair.float()
-        # unsafe: the lengths are the probe's own, so no host read to check them
-        sums = torch.segment_reduce(pair.square_(), "sum", lengths=lengths, axis=1, unsafe=True)
-        old, upd = sums.to(device, torch.float64).sqrt_().unbind()
+        if len(sizes) <= FOREACH_SEGMENTS:  # a few parameters: their slices' fused norms
+            diff = torch.cat(views).sub_(snap)
+            norms = foreach_norms([*diff.split(sizes), *snap.split(sizes)], upcast=True)
+            upd, old = stack_on(norms, device).view(2, -1).unbind()
+        else:  # many: one segmented sum of both rows (one kernel, not one per slice)
+            lengths = self._constant("lengths", group, sizes, snap.device).expand(2, -1)
+            pair = snap.new_empty((2, snap.numel()))
+            torch.cat(views, out=pair[1])
+            pair[1].sub_(snap)
+            pair[0].copy_(snap)
+            if pair.dtype in (torch.float16, torch.bfloat16):
+                pair = pair.float()
+            # unsafe: the lengths are the probe's own, so no host read to check them
+            sums = torch.segment_reduce(pair.square_(), "sum", lengths=lengths, axis=1, unsafe=True)
+            old, upd = sums.to(device, torch.float64).sqrt_().unbind()
         sampled = [p for p, st in zip(full, group.strides, strict=True) if st != 1]
         if sampled:  # a sampled parameter's ||w||: the whole tensor, after the step
             at = [k for k, st in enumerate(group.strides) if st != 1]
