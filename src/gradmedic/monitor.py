@@ -161,6 +161,7 @@ class Monitor:
         self._backward_done = False
         #: log of the running level of recorded global norms (a device tensor; NaN: none yet).
         self._log_level: torch.Tensor | None = None
+        self._log_of: tuple[torch.Tensor, torch.Tensor] | None = None  # (norm, its log)
         self._loss_scale: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
@@ -368,20 +369,29 @@ class Monitor:
             return False
         if self._recorded < EARLY_UPDATES or self._recorded % self.update_every == 0:
             return True
-        total, level = self._gradients.last_total, self._log_level
-        if total is None or level is None:
+        log_total, level = self._log_total(), self._log_level
+        if log_total is None or level is None:
             return False
-        return total.log() > level + math.log(NORM_JUMP)  # False while level is NaN
+        return log_total > level + math.log(NORM_JUMP)  # False while level is NaN
+
+    def _log_total(self) -> torch.Tensor | None:
+        """``log`` of the last recorded global norm (one kernel per step, for both rules)."""
+        total = self._gradients.last_total
+        if total is None:
+            return None
+        cached = self._log_of
+        if cached is None or cached[0] is not total:
+            cached = self._log_of = (total, total.log())
+        return cached[1]
 
     def _track_norm_level(self) -> None:
         """A running geometric mean of recorded global norms (the jump rule's reference).
 
         Only the update sampling reads it: without the update probe, nothing is kept.
         """
-        total = self._gradients.last_total
-        if total is None or self._updates is None:
+        log_total = self._log_total() if self._updates is not None else None
+        if log_total is None:
             return
-        log_total = total.detach().log()
         ok = torch.isfinite(log_total)  # a zero or non-finite norm leaves the level alone
         level = self._log_level
         if level is None or level.device != log_total.device:

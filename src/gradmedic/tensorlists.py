@@ -118,7 +118,8 @@ def _large_stats(
             l2[k] = n
     maxs, mins = [], []
     for k, t in enumerate(tensors):
-        t = t.detach() if t.numel() else t.new_zeros(1)
+        if not t.numel():
+            t = t.new_zeros(1)  # no_grad (the caller's): no per-tensor detach needed
         if norms and l2[k] is None:
             half = t.dtype in (torch.float16, torch.bfloat16)
             l2[k] = torch.linalg.vector_norm(t, dtype=torch.float32 if half else None)

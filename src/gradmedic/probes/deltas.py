@@ -130,7 +130,9 @@ class DeltaProbe(Probe):
                 # float32 sums of squares (a float64 reduction costs 6x on CPU). An
                 # extreme but finite delta (entries near 1e28) can overflow to inf; the
                 # monitor then names no non-finite origin unless the gradients are too.
-                g = grad.detach()
+                # Backward runs without grad mode: only create_graph=True gives a gradient
+                # that requires grad, and only then is a detach (one more dispatch) needed.
+                g = grad.detach() if grad.requires_grad else grad
                 dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
                 self._norms.setdefault(name, []).append(torch.linalg.vector_norm(g, dtype=dtype))
             except Exception as exc:
