@@ -121,6 +121,24 @@ def test_window_is_the_union_of_forwards():
     assert probe.collect(0) == {}
 
 
+def test_input_moments_pool_every_forward_of_the_step():
+    # gradient accumulation: two micro-batches of different sizes and scales, one record
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 5)
+    model = nn.Sequential(lin, nn.Tanh())
+    probe = ActivationProbe()
+    probe.attach(LayerIndex(model))
+    x1, x2 = torch.randn(7, 3), 4.0 + 3.0 * torch.randn(2, 3)
+    model(x1)
+    model(x2)
+    stats = materialize(probe.collect(0))["activations"]["1"]
+    z = torch.cat([lin(x1), lin(x2)]).detach().double()
+    assert stats["input_mean"] == pytest.approx(float(z.mean()), rel=1e-5)
+    assert stats["input_std"] == pytest.approx(float(z.std(unbiased=False)), rel=1e-5)
+    slope = 1 - torch.tanh(z).square()
+    assert stats["mean_slope"] == pytest.approx(float(slope.mean()), rel=1e-5)
+
+
 def test_shared_module_gets_one_entry_per_call():
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -34,7 +34,7 @@ share of them measured on each sampled step, in turn (:mod:`gradmedic.probes.rot
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -116,10 +116,10 @@ class _Stats:
     kind: str
     units: int
     active: torch.Tensor | None = None  # bool per unit: slope != 0 at least once
-    saturated: torch.Tensor | float = 0.0  # count of near-zero slopes, per SLOPE_GRID rule
-    rel_slope: torch.Tensor | float = 0.0  # sum of |phi'| / max phi'
-    x_sum: torch.Tensor | float = 0.0
-    x_sq: torch.Tensor | float = 0.0
+    saturated: torch.Tensor | None = None  # count of near-zero slopes, per SLOPE_GRID rule
+    rel_slope: torch.Tensor | None = None  # sum of |phi'| / max phi'
+    #: Per call: the input's mean, population std and size (pooled when read).
+    moments: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
     count: int = 0
 
 
@@ -236,11 +236,10 @@ class ActivationProbe(Probe):
         if stats is None or stats.units != active.numel():
             stats = self._stats[key] = _Stats(type(module).__name__, active.numel())
         stats.active = active if stats.active is None else stats.active | active
-        stats.saturated += below
-        stats.rel_slope += slope_sum
-        mean, std = mean_std(x.float())
-        stats.x_sum += mean * x.numel()
-        stats.x_sq += (std.square() + mean.square()) * x.numel()
+        # The first call's tensors are kept as they are: no kernel to add them to zero.
+        stats.saturated = below if stats.saturated is None else stats.saturated + below
+        stats.rel_slope = slope_sum if stats.rel_slope is None else stats.rel_slope + slope_sum
+        stats.moments.append((*mean_std(x.float()), x.numel()))
         stats.count += x.numel()
 
     def _counts(
@@ -282,8 +281,7 @@ class ActivationProbe(Probe):
         for key, s in self._stats.items():
             saturated = torch.as_tensor(s.saturated, dtype=torch.float64) / s.count
             rule = saturated[_RULE] if len(saturated) == len(SLOPE_GRID) else saturated[0]
-            mean = s.x_sum / s.count
-            var = (s.x_sq / s.count - mean.square()).clamp_min(0)  # type: ignore[union-attr]
+            mean, std = _pooled(s.moments, s.count)
             out[key] = {
                 "kind": s.kind,
                 "units": s.units,
@@ -291,7 +289,7 @@ class ActivationProbe(Probe):
                 "saturated_fraction": rule,
                 "mean_slope": torch.as_tensor(s.rel_slope, dtype=torch.float64) / s.count,
                 "input_mean": mean,
-                "input_std": var.sqrt(),
+                "input_std": std,
                 **({"saturated_by_slope": saturated} if s.kind in SATURATING else {}),
             }
         return {"activations": out}
@@ -310,6 +308,17 @@ class ActivationProbe(Probe):
         self._hooks.remove()
         self._hooked = ()
         self.reset()
+
+
+def _pooled(
+    moments: list[tuple[torch.Tensor, torch.Tensor, int]], count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std of every call's inputs together (one call: its own, exact)."""
+    if len(moments) == 1:
+        return moments[0][0], moments[0][1]
+    mean = torch.stack([m * (n / count) for m, _, n in moments]).sum()
+    second = torch.stack([(sd.square() + m.square()) * (n / count) for m, sd, n in moments]).sum()
+    return mean, (second - mean.square()).clamp_min(0).sqrt()
 
 
 def _relu_counts(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
