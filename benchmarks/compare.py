@@ -95,12 +95,14 @@ def lstm() -> tuple[nn.Module, torch.Tensor]:
     return WordLM(), torch.randint(0, 2000, (35, 20))  # bptt 35, batch 20
 
 
-def depth(n: int) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
+def depth(n: int, width: int = 32, batch: int = 64) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
+    """A thin net of ``n`` layers: ``n // 2`` x (Linear(width, width), ReLU)."""
+
     def build() -> tuple[nn.Module, torch.Tensor]:
         layers: list[nn.Module] = []
         for _ in range(n // 2):
-            layers += [nn.Linear(32, 32), nn.ReLU()]
-        return nn.Sequential(*layers), torch.randn(64, 32)
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*layers), torch.randn(batch, width)
 
     return build
 
@@ -144,13 +146,16 @@ ROWS: dict[str, tuple[str, Callable[[nn.Module, Any], Any]]] = {
     "lightning": ("Lightning `grad_norm(model, 2)`", lightning_grad_norm),
     "gm_norms": (
         "gradmedic norms only (`deltas=updates=activations=recurrent=False`)",
-        gm_row(deltas=False, updates=False, activations=False, recurrent=False),
+        gm_row(**operator_counts.CONFIGS["norms only"]),
     ),
-    "gm_default": ("gradmedic default `watch()`", gm_row()),
+    "gm_default": (
+        "gradmedic default `watch()`",
+        gm_row(**operator_counts.CONFIGS["default `watch()`"]),
+    ),
     "gm_every10": ("gradmedic `every=10`", gm_row(every=10)),
     "gm_everything": (
         "gradmedic everything every step (`activations=True, recurrent=True, update_every=1`)",
-        gm_row(activations=True, recurrent=True, update_every=1),
+        gm_row(**operator_counts.CONFIGS["everything every step"]),
     ),
     "wandb": ("`wandb.watch(log=\"gradients\", log_freq=1)`, offline", overhead.wandb_watch),
     "traintools": ("traintools `GradientHealthMonitor.inspect`", traintools_monitor),
@@ -226,6 +231,13 @@ MODELS = {
 }
 
 
+def counted_models() -> dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]]:
+    """The models whose operators per step are counted: the five above, and 10 and 100 layers."""
+    models = {title: build for title, build in MODELS.values()}
+    models.update({f"{n} layers": depth(n) for n in (10, 100)})
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -266,9 +278,7 @@ def main() -> None:
         except Exception as exc:  # no C++ compiler, say why and go on
             print(f"skipping the compiled row: {exc!r}")
     memory = {m: extra_memory(build) for m, (_, build) in MODELS.items()}
-    counted = {title: build for title, build in MODELS.values()}
-    counted.update({f"{n} layers": depth(n) for n in (10, 100)})
-    operators = operator_counts.table(counted)
+    operators = operator_counts.table(counted_models())
 
     cmd = "python benchmarks/compare.py" + (
         " --quick" if args.quick else f" --rounds {rounds} --steps {steps}"

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 import gradmedic
 import gradmedic.monitor
@@ -76,20 +72,27 @@ def operators_per_step(
     return count.counts
 
 
-def extra_per_step(
-    build: Callable[[], tuple[nn.Module, torch.Tensor]], options: dict[str, Any], steps: int = 20
+def total_per_step(
+    build: Callable[[], tuple[nn.Module, torch.Tensor]],
+    options: dict[str, Any] | None,
+    steps: int = 20,
 ) -> float:
-    """Operators ``watch(**options)`` adds to one steady-state step, averaged over ``steps``.
+    """All operators of one steady-state step, averaged over ``steps`` (None: bare).
 
     20 steps hold one step of each probe sampled one step in 20 (the default's
     activation and recurrent probes), so their share is counted once.
     """
-    monitored = operators_per_step(build, options, steps)
-    bare = operators_per_step(build, None, steps)
-    return (sum(monitored.values()) - sum(bare.values())) / steps
+    return sum(operators_per_step(build, options, steps).values()) / steps
 
 
-#: The configurations counted (as in ``compare.py``'s rows).
+def extra_per_step(
+    build: Callable[[], tuple[nn.Module, torch.Tensor]], options: dict[str, Any], steps: int = 20
+) -> float:
+    """Operators ``watch(**options)`` adds to one steady-state step."""
+    return total_per_step(build, options, steps) - total_per_step(build, None, steps)
+
+
+#: The monitor configurations counted here and timed by ``compare.py``.
 CONFIGS: dict[str, dict[str, Any]] = {
     "norms only": {"deltas": False, "updates": False, "activations": False, "recurrent": False},
     "default `watch()`": {},
@@ -103,9 +106,10 @@ def table(models: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]]) -> st
         "| operators added per step | " + " | ".join(models) + " |",
         "|---|" + "---|" * len(models),
     ]
+    bare = {title: total_per_step(build, None) for title, build in models.items()}
     for label, options in CONFIGS.items():
-        cells = [f"{extra_per_step(build, options):.0f}" for build in models.values()]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        extra = [total_per_step(build, options) - bare[t] for t, build in models.items()]
+        lines.append(f"| {label} | " + " | ".join(f"{n:.0f}" for n in extra) + " |")
     return "\n".join(lines)
 
 
@@ -113,9 +117,7 @@ def main() -> None:
     import compare
 
     torch.set_num_threads(1)
-    models = {title: build for title, build in compare.MODELS.values()}
-    models.update({f"{n}-layer thin net": compare.depth(n) for n in (10, 100, 1000)})
-    print(table(models))
+    print(table(compare.counted_models()))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from compare import depth
 from operator_counts import CONFIGS, extra_per_step, operators_per_step
 
 from gradmedic.probes.rotation import PER_STEP
@@ -23,13 +21,7 @@ NORMS_ONLY = CONFIGS["norms only"]
 
 
 def thin(layers: int):
-    def build() -> tuple[nn.Module, torch.Tensor]:
-        mods: list[nn.Module] = []
-        for _ in range(layers // 2):
-            mods += [nn.Linear(8, 8), nn.ReLU()]
-        return nn.Sequential(*mods), torch.randn(4, 8)
-
-    return build
+    return depth(layers, width=8, batch=4)  # compare.py's thin net; operator counts ignore width
 
 
 def test_the_counter_counts_a_known_step_exactly() -> None:
