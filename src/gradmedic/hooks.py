@@ -66,6 +66,10 @@ class ModuleHooks:
         self._guarded: dict[int, nn.Module] = {}
         #: ``id(hook) -> (hook, wrapper)``: a hook registered again reuses its wrapper.
         self._wrapped: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}
+        #: ``(id(module), id(hook)) -> (module, handle, wrapper)`` of plain forward hooks
+        #: once registered: hooking the pair again puts the wrapper back under the
+        #: handle's own id, one dict insert instead of a new handle (~10 us per layer).
+        self._parked: dict[tuple[int, int], tuple[nn.Module, RemovableHandle, Any]] = {}
 
     def forward(
         self,
@@ -79,9 +83,29 @@ class ModuleHooks:
 
         ``always_call``: also when the forward raises (then with ``output=None``).
         """
-        handle = module.register_forward_hook(
-            self._wrapper(hook), with_kwargs=with_kwargs, always_call=always_call
-        )
+        plain = not with_kwargs and not always_call
+        key = (id(module), id(hook))
+        parked = self._parked.get(key) if plain else None
+        known = self._wrapped.get(id(hook))
+        if (
+            parked is not None
+            and parked[0] is module
+            and known is not None
+            and known[0] is hook
+            and known[1] is parked[2]
+            and parked[1].id not in module._forward_hooks  # not hooked twice under one id
+        ):
+            _, handle, wrapper = parked
+            module._forward_hooks[handle.id] = wrapper
+        else:
+            wrapper = self._wrapper(hook)
+            handle = module.register_forward_hook(
+                wrapper, with_kwargs=with_kwargs, always_call=always_call
+            )
+            if plain:
+                if len(self._parked) >= _WRAPPERS_KEPT:
+                    self._parked.clear()
+                self._parked[key] = (module, handle, wrapper)
         self._keep(module, handle)
 
     def forward_pre(self, module: nn.Module, hook: Callable[..., None]) -> None:
@@ -106,6 +130,7 @@ class ModuleHooks:
                 del vars(module)[_GUARD]
         self._guarded = {}
         self._wrapped = {}
+        self._parked = {}
 
     def __len__(self) -> int:
         return len(self._handles)

@@ -86,24 +86,29 @@ def use_foreach(
 def extrema(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t.max(), t.min())`` as 0-d tensors, read the fastest way for ``t``'s device.
 
-    On CPU two plain reductions beat one ``torch.aminmax`` (14 vs 22 us on 131k
-    floats); on an accelerator, where a reduction is a memory pass and a kernel
-    launch, one ``aminmax`` reads the tensor once.
+    On CPU two plain reductions beat one ``torch.aminmax`` on a large tensor (18 vs
+    26 us on 131k floats), one ``aminmax`` is faster on a small one, where a dispatch
+    costs more than the pass (1.6 vs 2.7 us on 2k floats). On an accelerator, where a
+    reduction is a memory pass and a kernel launch, one ``aminmax`` reads it once.
     """
-    if t.device.type == "cpu":
+    if t.device.type == "cpu" and t.numel() > ONE_PASS_NUMEL:
         return t.amax(), t.amin()
     lo, hi = torch.aminmax(t)
     return hi, lo
 
 
+#: On CPU, tensors up to this many elements get their max and min from one ``aminmax``.
+ONE_PASS_NUMEL = 1 << 14
+
+
 def _large_stats(
     tensors: Sequence[torch.Tensor], device: torch.device, norms: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """L2 norms (float32 sums, half upcast; if ``norms``) and ``max |t|``, float64 vectors.
+    """L2 norms (float32 sums, half upcast; if ``norms``) and ``max |t|``, vectors on ``device``.
 
-    ``max |t|`` is ``max(max, -min)`` from :func:`extrema`: several times faster than
-    an infinity norm (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``) on
-    CPU, and no ``|t|`` is allocated. NaN propagates into both.
+    ``max |t|`` is ``max(|max t|, |min t|)`` from :func:`extrema`: several times faster
+    than an infinity norm (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``)
+    on CPU, and no ``|t|`` is allocated. NaN propagates into both.
 
     A tensor of :data:`BACK_TO_BACK` elements or more has its norm, max and min taken
     one after the other, while it is still in cache (on a 20-layer MLP of 512 x 512
@@ -126,8 +131,9 @@ def _large_stats(
         hi, lo = extrema(t)
         maxs.append(hi)
         mins.append(lo)
-    amax = torch.maximum(stack_on(mins, device).neg_(), stack_on(maxs, device))
-    return (stack_on(l2, device) if norms else None), amax  # type: ignore[arg-type]
+    # four kernels for the whole list: stack, |.|, the larger of each (max, min) pair
+    amax = stack_on(maxs + mins, device, dtype=None).abs_().view(2, -1).amax(0)
+    return (stack_on(l2, device, dtype=None) if norms else None), amax  # type: ignore[arg-type]
 
 
 #: Tensors this large are reduced one at a time, each statistic while it is in cache.
@@ -156,12 +162,17 @@ def mean_std(values: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor
     return mean, deviation / max(n, 1) ** 0.5
 
 
-def stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Stack 0-d tensors into one float64 vector on ``device``."""
-    first = tensors[0]
-    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
-        return torch.stack(list(tensors)).to(device=device, dtype=torch.float64)  # 2 kernels
-    return torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors])
+def stack_on(
+    tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype | None = torch.float64
+) -> torch.Tensor:
+    """Stack 0-d tensors into one vector on ``device``, of ``dtype`` (None: their promoted one).
+
+    One kernel when they all are on ``device`` and no conversion is asked, two with one.
+    """
+    if all(t.device == device for t in tensors):
+        stacked = torch.stack(list(tensors))
+        return stacked if dtype is None else stacked.to(dtype)
+    return torch.stack([t.to(device=device, dtype=dtype) for t in tensors])
 
 
 def segment_sqrt_sum_sq(values: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
@@ -190,11 +201,14 @@ class ReducePlan:
         large: Positions of the tensors reduced one by one (fused where torch can).
         order: For each input position, its place in the concatenated results
             (``stacks`` in turn, then ``large``); None when that is the input order.
+        order_both: ``order`` for the L2 norms and the maxima concatenated, as two
+            rows (gathers both into input order at once); None with ``order``.
     """
 
     stacks: tuple[tuple[int, ...], ...]
     large: tuple[int, ...]
     order: torch.Tensor | None
+    order_both: torch.Tensor | None = None
 
 
 def reduce_plan(tensors: Sequence[torch.Tensor], device: torch.device) -> ReducePlan:
@@ -207,13 +221,14 @@ def reduce_plan(tensors: Sequence[torch.Tensor], device: torch.device) -> Reduce
         else:
             large.append(i)
     flat = [i for idx in stacks.values() for i in idx] + large
-    order = None
+    order = both = None
     if flat != list(range(len(flat))):
         place = [0] * len(flat)
         for k, i in enumerate(flat):
             place[i] = k
         order = torch.tensor(place, device=device)
-    return ReducePlan(tuple(tuple(idx) for idx in stacks.values()), tuple(large), order)
+        both = torch.stack([order, order + len(flat)])
+    return ReducePlan(tuple(tuple(idx) for idx in stacks.values()), tuple(large), order, both)
 
 
 def norms_and_maxes(
@@ -222,48 +237,64 @@ def norms_and_maxes(
     norms: bool = True,
     plan: ReducePlan | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """L2 norm and ``max |t|`` of each tensor, as two float64 vectors on ``device``.
+    """L2 norm and ``max |t|`` of each tensor, as two vectors on ``device``.
 
     The L2 norms are float32 sums of squares (half precision upcast), as
-    :func:`foreach_norms` with ``upcast``; NaN propagates into both. Small tensors
-    of one shape are stacked and reduced in one kernel each, large ones go
-    through ``torch._foreach_norm`` and :func:`extrema`. With ``norms=False``
-    only the maxima are computed (the first result is None). DTensors give their
-    local pieces' (see :mod:`gradmedic.sharding`). ``plan``: the grouping from
+    :func:`foreach_norms` with ``upcast``; NaN propagates into both. The vectors
+    have the results' promoted dtype (float32 for float32 or half tensors, float64
+    when any tensor is): a wider one would hold nothing more. Small tensors of one
+    shape are stacked and reduced in one kernel each, large ones go through
+    ``torch._foreach_norm`` and :func:`extrema`. With ``norms=False`` only the
+    maxima are computed (the first result is None). DTensors give their local
+    pieces' (see :mod:`gradmedic.sharding`). ``plan``: the grouping from
     :func:`reduce_plan` for tensors of this layout, kept by a caller that reduces
     the same layout every step (None: worked out now).
     """
     tensors = local_tensors(tensors)
     if plan is None:
         plan = reduce_plan(tensors, device)
-    parts: list[torch.Tensor] = []  # per group: rows (L2, max) or (max,), one column each
+    l2s: list[torch.Tensor] = []  # per group, one entry per tensor
+    maxes: list[torch.Tensor] = []
     with torch.no_grad():  # no per-tensor detach(): ~1 us each on a 1000-tensor list
         for idx in plan.stacks:
-            mat = torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+            mat = torch.stack([tensors[i] for i in idx])
+            if mat.dim() == 1:  # 0-d tensors: one column each
+                mat = mat.unsqueeze(1)
+            dims = tuple(range(1, mat.dim()))  # reduced in place: no reshape kernel
             if mat.numel() <= _ABS_TEMPORARY:
-                amax = mat.abs().amax(1)
+                amax = mat.abs().amax(dims)
             else:  # max(max, -min): no |mat| temporary as large as the stack
-                amax = torch.maximum(mat.amax(1), mat.amin(1).neg_())
-            if not norms:
-                parts.append(amax.unsqueeze(0))
-                continue
-            half = mat.dtype in (torch.float16, torch.bfloat16)
-            l2 = torch.linalg.vector_norm(mat, dim=1, dtype=torch.float32 if half else None)
-            parts.append(torch.stack([l2, amax.to(l2.dtype)]))
+                amax = torch.maximum(mat.amax(dims), mat.amin(dims).neg_())
+            maxes.append(amax)
+            if norms:
+                half = mat.dtype in (torch.float16, torch.bfloat16)
+                wide = torch.float32 if half else None
+                l2s.append(torch.linalg.vector_norm(mat, dim=dims, dtype=wide))
         if plan.large:
             large_l2, amax = _large_stats([tensors[i] for i in plan.large], device, norms)
-            parts.append(amax.unsqueeze(0) if large_l2 is None else torch.stack([large_l2, amax]))
-        rows = _ordered(parts, plan, device)
-        return (rows[0], rows[1]) if norms else (None, rows[0])
+            maxes.append(amax)
+            if large_l2 is not None:
+                l2s.append(large_l2)
+        return _in_input_order(l2s, maxes, plan, device)
 
 
-def _ordered(parts: list[torch.Tensor], plan: ReducePlan, device: torch.device) -> torch.Tensor:
-    """The groups' columns, concatenated as float64 rows on ``device``, in input order."""
-    same = all(p.dtype == parts[0].dtype and p.device == device for p in parts)
-    if not same:
-        parts = [p.to(device=device, dtype=torch.float64) for p in parts]
-    flat = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).to(torch.float64)
-    return flat if plan.order is None else flat[:, plan.order]
+def _in_input_order(
+    l2s: list[torch.Tensor], maxes: list[torch.Tensor], plan: ReducePlan, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The groups' L2 and max vectors, each concatenated on ``device``, in input order.
+
+    At most three kernels (one concatenation of both, one gather, one split); none
+    for a single group in input order.
+    """
+    if any(p.device != device for p in l2s + maxes):
+        l2s, maxes = [p.to(device) for p in l2s], [p.to(device) for p in maxes]
+    if plan.order is None:
+        amax = torch.cat(maxes) if len(maxes) > 1 else maxes[0]
+        return (torch.cat(l2s) if len(l2s) > 1 else l2s[0]) if l2s else None, amax
+    if not l2s:
+        return None, torch.cat(maxes)[plan.order]
+    l2, amax = torch.cat(l2s + maxes)[plan.order_both].unbind(0)  # one promoted dtype
+    return l2, amax
 
 
 #: A stack up to this many elements takes ``max |x|`` through ``|x|`` (two kernels, one

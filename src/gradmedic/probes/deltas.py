@@ -21,7 +21,8 @@ hooks, and only on recorded steps.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,7 +32,14 @@ from gradmedic.layers import LayerIndex
 from gradmedic.probes.base import Probe
 from gradmedic.probes.rotation import PER_STEP, share
 from gradmedic.record import NamedVector
-from gradmedic.tensorlists import extrema, segment_max, stack_on
+from gradmedic.tensorlists import extrema, foreach_norms, segment_max, stack_on
+
+#: Output gradients up to this many elements are held until the step is collected and
+#: reduced together (one ``torch._foreach_norm``, not one dispatch per layer); larger ones
+#: are reduced as they arrive, so what is held stays small ...
+HOLD_NUMEL = 1 << 16
+#: ... and never more than this many elements in all (several backward passes a step).
+HOLD_BUDGET = 1 << 21
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -77,8 +85,11 @@ class DeltaProbe(Probe):
         # Per layer, in the order hooks fired: every delta norm and every (min, max) of
         # the output this step. Reduced to one vector each at collect time, so the hooks
         # themselves launch one reduction and no arithmetic.
-        self._norms: dict[str, list[torch.Tensor]] = {}
+        self._norms: dict[str, list[torch.Tensor | None]] = {}
         self._extrema: dict[str, list[torch.Tensor]] = {}
+        # Small output gradients awaiting their norms: (layer's list, slot in it, gradient).
+        self._held: list[tuple[list[torch.Tensor | None], int, torch.Tensor]] = []
+        self._held_numel = 0
         self._forward_hooks: dict[str, Any] = {}
 
     def attach(self, index: LayerIndex) -> None:
@@ -115,8 +126,13 @@ class DeltaProbe(Probe):
                 out = first_tensor(output)
                 if out is None or not out.requires_grad or out.numel() == 0:
                     return
-                # (max, min): much faster than an inf-norm, and no |out| is allocated
-                self._extrema.setdefault(name, []).extend(extrema(out.detach()))
+                # (max, min): much faster than an inf-norm, and no |out| is allocated. Grad
+                # mode off instead of a detach(): one dispatch less per layer.
+                torch._C._set_grad_enabled(False)
+                try:
+                    self._extrema.setdefault(name, []).extend(extrema(out))
+                finally:
+                    torch._C._set_grad_enabled(True)
                 out.register_hook(tensor_hook)
             except Exception as exc:  # monitoring must never break training
                 if self.on_error is not None:
@@ -133,17 +149,34 @@ class DeltaProbe(Probe):
                 # Backward runs without grad mode: only create_graph=True gives a gradient
                 # that requires grad, and only then is a detach (one more dispatch) needed.
                 g = grad.detach() if grad.requires_grad else grad
+                norms = self._norms.setdefault(name, [])
+                if g.numel() <= HOLD_NUMEL:
+                    norms.append(None)  # the slot keeps the order the deltas arrived in
+                    self._held.append((norms, len(norms) - 1, g))
+                    self._held_numel += g.numel()
+                    if self._held_numel > HOLD_BUDGET:
+                        self._reduce_held()
+                    return
                 dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-                self._norms.setdefault(name, []).append(torch.linalg.vector_norm(g, dtype=dtype))
+                norms.append(torch.linalg.vector_norm(g, dtype=dtype))
             except Exception as exc:
                 if self.on_error is not None:
                     self.on_error(self, exc)
 
         return hook
 
+    def _reduce_held(self) -> None:
+        """The held gradients' norms, in one fused reduction, into their slots."""
+        held, self._held, self._held_numel = self._held, [], 0
+        if held:
+            norms = foreach_norms([g for _, _, g in held], upcast=True)
+            for (slots, k, _), norm in zip(held, norms, strict=True):
+                slots[k] = norm
+
     def collect(self, step: int) -> dict[str, Any]:
         """Delta norms (input-to-output order is applied by the monitor) and output maxima."""
         self._turn += 1
+        self._reduce_held()
         out: dict[str, Any] = {}
         if self._norms:
             names = tuple(self._norms)  # insertion order = the order deltas arrived
@@ -151,7 +184,8 @@ class DeltaProbe(Probe):
             if len(norms) != len(names):
                 # Over several backward passes (accumulation) the squares add up: the norm
                 # of the delta of the whole accumulated batch.
-                norms = _segment_sum(norms.square(), self._norms).sqrt()
+                wide = norms.double()  # squares of float32 norms may overflow float32
+                norms = _segment_sum(wide.square(), self._norms).sqrt()
             out["delta_norm"] = NamedVector(names, norms)
             out["_backward_order"] = list(names)
         if self._extrema:
@@ -164,6 +198,7 @@ class DeltaProbe(Probe):
         """Forget this step's deltas."""
         self._norms = {}
         self._extrema = {}
+        self._held, self._held_numel = [], 0
 
     def detach(self) -> None:
         """Remove the forward hooks (tensor hooks die with their graphs)."""
@@ -174,23 +209,23 @@ class DeltaProbe(Probe):
         self.reset()
 
 
-def _flat(groups: list[list[torch.Tensor]]) -> torch.Tensor:
-    """The groups' 0-d tensors, in order, as one float64 vector."""
-    flat = [t for group in groups for t in group]
-    return stack_on(flat, flat[0].device)
+def _flat(groups: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tensor:
+    """The groups' 0-d tensors (every held slot filled by now), in order, as one vector."""
+    flat = cast("list[torch.Tensor]", [t for group in groups for t in group])
+    return stack_on(flat, flat[0].device, dtype=None)  # their promoted dtype
 
 
-def _segment_ids(groups: dict[str, list[torch.Tensor]], device: torch.device) -> torch.Tensor:
+def _segment_ids(groups: Mapping[str, Sequence[Any]], device: torch.device) -> torch.Tensor:
     return torch.tensor([k for k, g in enumerate(groups.values()) for _ in g], device=device)
 
 
-def _segment_sum(values: torch.Tensor, groups: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+def _segment_sum(values: torch.Tensor, groups: Mapping[str, Sequence[Any]]) -> torch.Tensor:
     """Per group, the sum of its values."""
     total = torch.zeros(len(groups), dtype=values.dtype, device=values.device)
     return total.index_add_(0, _segment_ids(groups, values.device), values)
 
 
-def _segment_amax(values: torch.Tensor, groups: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+def _segment_amax(values: torch.Tensor, groups: Mapping[str, Sequence[Any]]) -> torch.Tensor:
     """Per group, the max of its values (NaN propagates); one (min, max) pair each: one amax."""
     if len(values) == 2 * len(groups):
         return values.view(-1, 2).amax(dim=1)

@@ -182,10 +182,10 @@ class GradientProbe(Probe):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The one place per-parameter statistics are computed from the gradient list.
 
-        Float64 vectors on ``device``: L2 norms (float32 sums of squares; None unless
-        ``norms``) and max ``|g|``. ``positions`` (of the gradients' parameters in the
-        index) keys the cached grouping: a gradient has its parameter's shape, dtype
-        and device, so the same positions always group the same way.
+        Vectors on ``device`` (see :func:`norms_and_maxes`): L2 norms (float32 sums of
+        squares; None unless ``norms``) and max ``|g|``. ``positions`` (of the gradients'
+        parameters in the index) keys the cached grouping: a gradient has its parameter's
+        shape, dtype and device, so the same positions always group the same way.
         """
         plan = None
         if positions is not None and self.index is not None:
@@ -232,7 +232,7 @@ class GradientProbe(Probe):
             pre = self._pre_clip(snap, device)
         # Per step only the per-parameter vectors and the global norm (for the norm-jump
         # rule) are computed; per-layer values and flags are derived when read.
-        total = torch.linalg.vector_norm(l2)
+        total = torch.linalg.vector_norm(l2, dtype=torch.float64)  # no overflow of the sum
         self.last_total = total
         out: dict[str, Any] = {
             "global_grad_norm": total,
@@ -242,7 +242,7 @@ class GradientProbe(Probe):
         }
         if pre is not None:
             out["_grad_pre"] = pre
-            out["pre_clip_global_grad_norm"] = torch.linalg.vector_norm(pre)
+            out["pre_clip_global_grad_norm"] = torch.linalg.vector_norm(pre, dtype=torch.float64)
         return out
 
     def _collect_flat_shards(self, index: LayerIndex) -> dict[str, Any]:
