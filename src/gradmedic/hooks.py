@@ -66,10 +66,10 @@ class ModuleHooks:
         self._guarded: dict[int, nn.Module] = {}
         #: ``id(hook) -> (hook, wrapper)``: a hook registered again reuses its wrapper.
         self._wrapped: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}
-        #: ``(id(module), id(hook)) -> (module, handle, wrapper)`` of plain forward hooks
-        #: once registered: hooking the pair again puts the wrapper back under the
+        #: ``(id(module), id(hook)) -> (module, hook, handle, wrapper)`` of plain forward
+        #: hooks once registered: hooking the pair again puts the wrapper back under the
         #: handle's own id, one dict insert instead of a new handle (~10 us per layer).
-        self._parked: dict[tuple[int, int], tuple[nn.Module, RemovableHandle, Any]] = {}
+        self._parked: dict[tuple[int, int], tuple[nn.Module, Any, RemovableHandle, Any]] = {}
 
     def forward(
         self,
@@ -86,16 +86,13 @@ class ModuleHooks:
         plain = not with_kwargs and not always_call
         key = (id(module), id(hook))
         parked = self._parked.get(key) if plain else None
-        known = self._wrapped.get(id(hook))
         if (
             parked is not None
             and parked[0] is module
-            and known is not None
-            and known[0] is hook
-            and known[1] is parked[2]
-            and parked[1].id not in module._forward_hooks  # not hooked twice under one id
+            and parked[1] is hook  # the ids are still these objects'
+            and parked[2].id not in module._forward_hooks  # not hooked twice under one id
         ):
-            _, handle, wrapper = parked
+            _, _, handle, wrapper = parked
             module._forward_hooks[handle.id] = wrapper
         else:
             wrapper = self._wrapper(hook)
@@ -105,7 +102,7 @@ class ModuleHooks:
             if plain:
                 if len(self._parked) >= _WRAPPERS_KEPT:
                     self._parked.clear()
-                self._parked[key] = (module, handle, wrapper)
+                self._parked[key] = (module, hook, handle, wrapper)
         self._keep(module, handle)
 
     def forward_pre(self, module: nn.Module, hook: Callable[..., None]) -> None:
