@@ -53,3 +53,26 @@ def test_a_real_inf_is_non_finite_and_an_all_zero_gradient_is_zero() -> None:
     row = mon.history.rows()[0]
     assert row["grad_norm"]["0"] == 0.0
     assert row["grad_norm"]["1"] == math.inf and row["grad_nonfinite"]["1"] == 1
+
+
+def test_an_underflowed_norm_read_too_late_to_redo_is_at_least_its_max_never_zero() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.randn(8, 64)
+    with gradmedic.watch(model) as mon:
+        (model(x).sum() * 1e-26).backward()  # entries ~1e-26: float32 squares underflow
+        first = {n: p.grad.clone() for n, p in model.named_parameters()}
+        mon.step()
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()  # new gradients: the first record can no longer be redone
+        mon.step()
+    row = mon.history.rows()[0]
+    for layer in ("0", "2"):
+        grads = [g.double() for n, g in first.items() if n.startswith(layer + ".")]
+        exact = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        biggest = max(float(g.abs().max()) for g in grads)
+        assert float(torch.linalg.vector_norm(grads[0].float())) < biggest  # float32 fails
+        assert biggest * (1 - 1e-6) <= row["grad_norm"][layer] <= exact * (1 + 1e-6)
+    assert row["grad_max"]["0"] == pytest.approx(
+        max(float(g.abs().max()) for n, g in first.items() if n.startswith("0.")), rel=1e-6
+    )

@@ -79,3 +79,20 @@ def test_half_precision_is_summed_in_float32_and_nan_propagates() -> None:
     pairs = enumerate(zip(l2.tolist(), amax.tolist(), strict=True))
     bad = [i for i, (n, m) in pairs if n != n or m != m]
     assert bad == [1, 5]
+
+
+def test_shapes_no_other_tensor_has_go_with_the_large_ones_unless_alone() -> None:
+    torch.manual_seed(2)
+    lone = [torch.randn(10, 3)]
+    assert reduce_plan(lone, CPU).stacks == ((0,),) and not reduce_plan(lone, CPU).large
+    singles = [torch.randn(10, 3), torch.randn(7) - 3.0, torch.randn(5, 5, 2)]
+    plan = reduce_plan(singles, CPU)
+    assert not plan.stacks and plan.large == (0, 1, 2) and plan.order is None
+    mixed = [torch.randn(9, 9), torch.randn(6), torch.randn(9, 9), torch.randn(STACK_NUMEL + 1)]
+    plan = reduce_plan(mixed, CPU)
+    assert plan.stacks == ((0, 2),) and plan.large == (1, 3)
+    for tensors in (lone, singles, mixed):
+        l2, amax = norms_and_maxes(tensors, CPU)
+        want_l2, want_max = reference(tensors)
+        assert l2 is not None and l2.tolist() == pytest.approx(want_l2, rel=1e-5)
+        assert amax.tolist() == want_max

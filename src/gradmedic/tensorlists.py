@@ -197,7 +197,8 @@ class ReducePlan:
     """How :func:`norms_and_maxes` groups a list of tensors: worked out once per layout.
 
     Attributes:
-        stacks: Positions of small tensors of one shape and dtype, one stack each.
+        stacks: Positions of small tensors of one shape and dtype, one stack each
+            (a shape no other tensor has goes with the large ones, unless it is alone).
         large: Positions of the tensors reduced one by one (fused where torch can).
         order: For each input position, its place in the concatenated results
             (``stacks`` in turn, then ``large``); None when that is the input order.
@@ -220,6 +221,12 @@ def reduce_plan(tensors: Sequence[torch.Tensor], device: torch.device) -> Reduce
             stacks.setdefault((t.shape, t.dtype, t.device), []).append(i)
         else:
             large.append(i)
+    singles = [idx[0] for idx in stacks.values() if len(idx) == 1]
+    if len(singles) > 1 or (singles and large):
+        # A stack of one costs four kernels (stack, |.|, max, norm); among the large ones a
+        # tensor costs one (its extrema; the norm is fused), the large path's own four once.
+        stacks = {key: idx for key, idx in stacks.items() if len(idx) > 1}
+        large = sorted(large + singles)
     flat = [i for idx in stacks.values() for i in idx] + large
     order = both = None
     if flat != list(range(len(flat))):

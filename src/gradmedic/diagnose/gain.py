@@ -48,9 +48,10 @@ def mechanism(kind: str | None, weight_scale: float | None) -> str:
 
 
 def cut_layers(rows: Rows, config: DiagnosisConfig) -> tuple[list[str], str | None]:
-    """Layers whose delta is exactly 0 on the input side of a layer whose delta is not.
+    """Layers whose delta norm is 0 on the input side of a layer whose delta norm is not.
 
-    No gradient reaches them at all: the chain-rule product underflowed. When
+    No usable gradient reaches them: the chain-rule product underflowed, to exactly
+    0 or below what the float32 norm resolves (entries near 1e-23). When
     dead units explain the zeros, they are the dead-unit detector's finding,
     not a vanishing one, and none are returned. Judged at the latest record.
 
@@ -114,7 +115,7 @@ def gain_finding(
     fitted total gain crosses the threshold *and* the profile is geometric
     (R^2 >= ``geometric_r2``: one chain-rule factor per layer explains it). A
     vanishing finding is also made, with total gain 0, when some layers
-    receive exactly zero gradient (:func:`cut_layers`). The evidence is the
+    receive a gradient of norm 0 (:func:`cut_layers`). The evidence is the
     last record where it held; the severity comes from the most extreme
     record of the episode, taken alone. A record whose own profile crosses counts
     even where its window does not when it is beyond the severe threshold or is the
@@ -208,8 +209,9 @@ def gain_finding(
     if cut:
         sentences.append(
             f"Layers {', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''} ({len(cut)} in all) "
-            f"receive exactly zero gradient while layer {last!r} does not: the chain-rule "
-            "product underflowed to 0."
+            f"receive a gradient of norm 0 while layer {last!r} does not: the chain-rule "
+            "product underflowed (to exactly 0, or to entries too small for a float32 sum "
+            "of squares, about 1e-23)."
         )
         evidence.update(total_gain=0.0, zero_gradient_layers=cut)
     peak = ep.peak_value if ep.peak_value is not None and not math.isnan(ep.peak_value) else None

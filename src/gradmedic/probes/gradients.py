@@ -331,7 +331,9 @@ class _GradientStats(Deferred):
     last tensor, same version counters: the record is read before the next
     backward, as ``monitor.step()`` followed by ``history.rows()`` does), their
     norms are taken again in float64 and their NaN/Inf elements counted. Otherwise
-    the float32 norms stay, ``grad_nonfinite`` counts the gradients holding a
+    the float32 norms stay (one that underflowed below its gradient's max |g| is
+    raised to that max, a lower bound within sqrt(numel) of the norm, never a 0 for
+    a gradient that is not zero), ``grad_nonfinite`` counts the gradients holding a
     NaN/Inf (a lower bound on the elements) and ``grad_nonfinite_exact`` is False.
     """
 
@@ -358,8 +360,11 @@ class _GradientStats(Deferred):
         if exact is not None:
             l2, bad = exact
             row["global_grad_norm"] = math.sqrt(sum(v * v for v in l2))
-        elif not finite:
-            row["grad_nonfinite_exact"] = False
+        else:
+            if recheck:  # an underflowed float32 norm below its own max: ||g|| >= max |g|
+                l2 = [m if n < m < math.inf else n for n, m in zip(l2, amax, strict=True)]
+            if not finite:
+                row["grad_nonfinite_exact"] = False
         layers = [self.param_layer[i] for i in self.positions]
         names = [self.layer_names[k] for k in sorted(set(layers))]
         rank = {k: j for j, k in enumerate(sorted(set(layers)))}
