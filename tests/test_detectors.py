@@ -98,13 +98,23 @@ def test_window_averages_geometrically():
 
 
 def test_zero_deltas_are_vanishing_unless_dead_units_explain_them():
-    delta = {"fc0": 0.0, "fc1": 0.0, "fc2": 1e-2, "fc3": 1.0}
+    delta = {"fc0": 0.0, "fc1": 0.0, "fc2": 1e-20, "fc3": 1.0}
     d = diagnose_rows([{"step": 0, "delta_norm": delta}])
     assert d.problems == {Problem.VANISHING}
     assert d.findings[0].evidence["zero_gradient_layers"] == ["fc0", "fc1"]
     assert d.findings[0].evidence["total_gain"] == 0.0
     row = {"step": 0, "delta_norm": delta, "activations": acts(r1=("ReLU", 1.0, 1.0))}
-    assert diagnose_rows([row]).problems == {Problem.DEAD_UNITS}
+    d = diagnose_rows([row])
+    assert Problem.DEAD_UNITS in d.problems  # the zeros are theirs; the decay is a fit's
+    assert not any("zero_gradient_layers" in f.evidence for f in d.findings)
+
+
+def test_a_jump_from_a_normal_gradient_to_zero_is_no_underflow():
+    # A zero-initialized last layer: W^T delta = 0 exactly, one layer after a delta of 0.3.
+    delta = {"fc0": 0.0, "fc1": 0.0, "fc2": 0.0, "fc3": 0.3}
+    assert diagnose_rows([{"step": 0, "delta_norm": delta}]).healthy
+    delta = {"fc0": 0.0, "fc1": 2e-3, "fc2": 0.05, "fc3": 0.3}  # 7e-3 of the largest
+    assert Problem.VANISHING not in diagnose_rows([{"step": 0, "delta_norm": delta}]).problems
 
 
 def test_dead_units_use_the_median_over_the_window():
@@ -150,6 +160,32 @@ def test_nonfinite_names_origin_and_the_parameterless_module_before_it():
     assert list(f.layers) == ["act", "weird", "b"]
     assert f.severity is Severity.CRITICAL
     assert [r.name for r in f.remedies] == ["lower_lr", "clip_norm"]  # appeared in training
+
+
+def test_a_nonfinite_output_of_finite_input_is_the_layers_own_overflow():
+    origin = {"layer": "b", "where": "forward", "step": 1}
+    context = {"forward_order": ["a", "relu", "b"], "layers": ["a", "b"]}
+    for measured, acts_after, suspects in [
+        ({"a": 8e26, "relu": 8e26, "b": math.inf}, {}, []),  # the ReLU's output was measured
+        ({"a": 8e26, "b": math.inf}, {"a": "ReLU"}, []),  # ReLU of a finite input is finite
+        ({"a": 8e26, "b": math.inf}, {"a": "LogSigmoid"}, ["relu"]),  # not known to be
+        ({"a": math.inf, "b": math.inf}, {"a": "ReLU"}, ["relu"]),  # nothing measured finite
+    ]:
+        row = {"step": 1, "nonfinite_origin": origin, "output_max": measured}
+        ctx = {**context, "activations": acts_after}
+        f = diagnose_rows([row], context=ctx, layers=["a", "b"]).by_problem("nonfinite")[0]
+        assert f.evidence["suspects"] == suspects, measured
+        assert ("layer 'b' itself made it" in f.explanation) == (not suspects)
+
+
+def test_units_are_not_judged_once_the_network_is_nonfinite():
+    healthy = acts(r=("ReLU", 0.1, 0.1))
+    nan_dead = acts(r=("ReLU", 1.0, 1.0))  # every comparison with NaN fails: "dead"
+    rows = [{"step": s, "activations": healthy, "loss": 1.0} for s in range(3)]
+    rows += [{"step": s, "activations": nan_dead, "loss": math.nan} for s in range(3, 9)]
+    assert Problem.DEAD_UNITS not in diagnose_rows(rows).problems
+    rows[1]["activations"] = rows[2]["activations"] = nan_dead  # dead before the NaN: named
+    assert Problem.DEAD_UNITS in diagnose_rows(rows, DiagnosisConfig(window=2)).problems
 
 
 def test_nonfinite_at_the_first_layer_points_to_the_input():

@@ -76,3 +76,28 @@ def test_an_underflowed_norm_read_too_late_to_redo_is_at_least_its_max_never_zer
     assert row["grad_max"]["0"] == pytest.approx(
         max(float(g.abs().max()) for n, g in first.items() if n.startswith("0.")), rel=1e-6
     )
+
+
+def test_an_overflowed_norm_read_too_late_to_redo_is_finite_for_finite_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.randn(8, 64)
+    with gradmedic.watch(model) as mon:
+        (model(x).sum() * 1e28).backward()  # entries ~1e28: float32 squares overflow
+        first = {n: p.grad.clone() for n, p in model.named_parameters()}
+        mon.step()
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        mon.step()
+    row = mon.history.rows()[0]
+    assert all(torch.isfinite(g).all() for g in first.values())
+    total = 0.0
+    for layer in ("0", "2"):
+        grads = [g.double() for n, g in first.items() if n.startswith(layer + ".")]
+        exact = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        biggest = max(float(g.abs().max()) for g in grads)
+        assert biggest * (1 - 1e-6) <= row["grad_norm"][layer] <= exact * (1 + 1e-6)
+        assert row["grad_nonfinite"][layer] == 0
+        total += row["grad_norm"][layer] ** 2
+    assert row["global_grad_norm"] == pytest.approx(math.sqrt(total), rel=1e-9)
+    assert row["nonfinite_origin"] is None and not mon.diagnose().has("nonfinite")

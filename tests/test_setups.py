@@ -166,7 +166,17 @@ def bn_cnn():
                  steps=10, activations=True)[0]  # fmt: skip
 
 
+def zero_init_head():
+    torch.manual_seed(0)
+    model = mlp([32, 64, 64, 64, 10], nn.ReLU, he)
+    nn.init.zeros_(model[-1].weight)  # a common head init: every delta below it is 0 at step 0
+    nn.init.zeros_(model[-1].bias)
+    _, x, y = classification(model, 32, 10)
+    return train(model, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), x, y)[0]
+
+
 TWINS = {
+    "zero_init_head": zero_init_head,
     "lora_adamw": lora_adamw,
     "zero_init_residual": zero_init_residual,
     "pre_ln_transformer_sane_lr": lambda: train_lm(0.5)[0],

@@ -102,9 +102,9 @@ ONE_PASS_NUMEL = 1 << 14
 
 
 def _large_stats(
-    tensors: Sequence[torch.Tensor], device: torch.device, norms: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """L2 norms (float32 sums, half upcast; if ``norms``) and ``max |t|``, vectors on ``device``.
+    tensors: Sequence[torch.Tensor], device: torch.device, norms: bool, maxima: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """L2 norms (float32 sums, half upcast; if ``norms``) and ``max |t|`` (if ``maxima``).
 
     ``max |t|`` is ``max(|max t|, |min t|)`` from :func:`extrema`: several times faster
     than an infinity norm (``torch._foreach_norm(ts, inf)`` or ``vector_norm(t, inf)``)
@@ -113,8 +113,11 @@ def _large_stats(
     A tensor of :data:`BACK_TO_BACK` elements or more has its norm, max and min taken
     one after the other, while it is still in cache (on a 20-layer MLP of 512 x 512
     weights, cold: 1.7 vs 2.0 ms for a fused norm pass followed by the extrema);
-    smaller ones get their norms from one fused ``torch._foreach_norm``.
+    smaller ones (every one, without maxima) get their norms from one fused
+    ``torch._foreach_norm``. The results are vectors on ``device``.
     """
+    if not maxima:
+        return stack_on(foreach_norms(tensors, upcast=True), device, dtype=None), None
     l2: list[torch.Tensor | None] = [None] * len(tensors)
     fused = [k for k, t in enumerate(tensors) if t.numel() < BACK_TO_BACK] if norms else []
     if fused:
@@ -257,6 +260,27 @@ def norms_and_maxes(
     :func:`reduce_plan` for tensors of this layout, kept by a caller that reduces
     the same layout every step (None: worked out now).
     """
+    l2, amax = _reduce(tensors, device, norms, True, plan)
+    assert amax is not None
+    return l2, amax
+
+
+def l2_norms(
+    tensors: Sequence[torch.Tensor], device: torch.device, plan: ReducePlan | None = None
+) -> torch.Tensor:
+    """The L2 norms of :func:`norms_and_maxes` alone (no maxima), one vector on ``device``."""
+    l2, _ = _reduce(tensors, device, True, False, plan)
+    assert l2 is not None
+    return l2
+
+
+def _reduce(
+    tensors: Sequence[torch.Tensor],
+    device: torch.device,
+    norms: bool,
+    maxima: bool,
+    plan: ReducePlan | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     tensors = local_tensors(tensors)
     if plan is None:
         plan = reduce_plan(tensors, device)
@@ -268,18 +292,21 @@ def norms_and_maxes(
             if mat.dim() == 1:  # 0-d tensors: one column each
                 mat = mat.unsqueeze(1)
             dims = tuple(range(1, mat.dim()))  # reduced in place: no reshape kernel
-            if mat.numel() <= _ABS_TEMPORARY:
-                amax = mat.abs().amax(dims)
+            if not maxima:
+                pass
+            elif mat.numel() <= _ABS_TEMPORARY:
+                maxes.append(mat.abs().amax(dims))
             else:  # max(max, -min): no |mat| temporary as large as the stack
-                amax = torch.maximum(mat.amax(dims), mat.amin(dims).neg_())
-            maxes.append(amax)
+                maxes.append(torch.maximum(mat.amax(dims), mat.amin(dims).neg_()))
             if norms:
                 half = mat.dtype in (torch.float16, torch.bfloat16)
                 wide = torch.float32 if half else None
                 l2s.append(torch.linalg.vector_norm(mat, dim=dims, dtype=wide))
         if plan.large:
-            large_l2, amax = _large_stats([tensors[i] for i in plan.large], device, norms)
-            maxes.append(amax)
+            large = [tensors[i] for i in plan.large]
+            large_l2, amax = _large_stats(large, device, norms, maxima)
+            if amax is not None:
+                maxes.append(amax)
             if large_l2 is not None:
                 l2s.append(large_l2)
         return _in_input_order(l2s, maxes, plan, device)
@@ -287,19 +314,23 @@ def norms_and_maxes(
 
 def _in_input_order(
     l2s: list[torch.Tensor], maxes: list[torch.Tensor], plan: ReducePlan, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The groups' L2 and max vectors, each concatenated on ``device``, in input order.
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The groups' L2 and max vectors (None where not computed), on ``device``, in input order.
 
     At most three kernels (one concatenation of both, one gather, one split); none
     for a single group in input order.
     """
     if any(p.device != device for p in l2s + maxes):
         l2s, maxes = [p.to(device) for p in l2s], [p.to(device) for p in maxes]
-    if plan.order is None:
-        amax = torch.cat(maxes) if len(maxes) > 1 else maxes[0]
-        return (torch.cat(l2s) if len(l2s) > 1 else l2s[0]) if l2s else None, amax
-    if not l2s:
-        return None, torch.cat(maxes)[plan.order]
+
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        if not parts:
+            return None
+        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return whole if plan.order is None else whole[plan.order]
+
+    if plan.order is None or not (l2s and maxes):
+        return joined(l2s), joined(maxes)
     l2, amax = torch.cat(l2s + maxes)[plan.order_both].unbind(0)  # one promoted dtype
     return l2, amax
 

@@ -14,6 +14,7 @@ from typing import Any
 from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import lower_lr, setup_of
+from gradmedic.diagnose.signals import before_nonfinite
 from gradmedic.diagnose.suggest import suggested
 from gradmedic.diagnose.units import dead_in, pct, unit_episode, why_unchecked
 from gradmedic.findings import Finding, Problem, Remedy, Severity
@@ -39,9 +40,9 @@ def remedies(kind: str, trained: bool, lr: Remedy | None = None) -> list[Remedy]
     why=why_unchecked("dead units"),
 )
 def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[Finding]:
-    """Modules with at least ``dead_fraction`` of their units dead, over the run."""
+    """Modules with at least ``dead_fraction`` of their units dead, before any NaN/Inf."""
     judged, ep = unit_episode(
-        rows,
+        before_nonfinite(rows),
         config.window,
         lambda stats: dead_in(stats, config.dead_fraction),
         lambda d: max(s["dead_fraction"] for s in d.values()),

@@ -79,6 +79,12 @@ def _cut_in(values: Mapping[str, Any], config: DiagnosisConfig) -> tuple[list[st
     parameter downstream (LoRA's B, the last layer of a zero-init residual
     branch) multiplies that branch's gradient by 0 by design, until its first
     update.
+
+    A product underflows through ever smaller values: the input-side-most layer that
+    still receives a gradient has at most :data:`UNDERFLOW_NEAR` of the largest one.
+    A jump from a normal-sized gradient straight to 0 is one Jacobian that is exactly
+    0 (a zero-initialized last layer, whose ``W^T delta`` is 0 until its first
+    update; a layer of dead units), not an underflow.
     """
     order = [n for n in (config.context.get("layers") or values) if n in values]
     alive = [n for n in order if positive(values.get(n))]
@@ -88,7 +94,13 @@ def _cut_in(values: Mapping[str, Any], config: DiagnosisConfig) -> tuple[list[st
     zeros = [n for n in before if values.get(n) == 0.0]
     if zeros != before[: len(zeros)]:
         return [], alive[-1]
+    if zeros and values[alive[0]] > UNDERFLOW_NEAR * max(values[n] for n in alive):
+        return [], alive[-1]
     return zeros, alive[-1]
+
+
+#: A gradient that underflows to 0 went through values this far below the largest one.
+UNDERFLOW_NEAR = 1e-8
 
 
 def _cut_points(rows: Rows, config: DiagnosisConfig) -> dict[int, list[str]]:

@@ -54,6 +54,34 @@ def suspects(origin: str, context: Mapping[str, Any], exact: str | None = None) 
     return list(reversed(between))
 
 
+#: Elementwise activations whose output is finite wherever their input is.
+_FINITE_SAFE = {
+    "ReLU", "LeakyReLU", "PReLU", "ReLU6", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
+    "Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Hardswish", "Softsign", "Softplus",
+    "Identity", "Dropout",
+}  # fmt: skip
+
+
+def _finite_input(
+    origin: str, between: list[str], row: Mapping[str, Any], context: Mapping[str, Any]
+) -> bool:
+    """Whether the record shows the input of ``origin`` finite (so ``between`` made nothing).
+
+    Either every module run in between was measured with a finite output, or the one
+    module in between is the finite-preserving activation after a layer whose output
+    was measured finite.
+    """
+    outputs = row.get("output_max") or {}
+    if all(math.isfinite(outputs.get(n, math.nan)) for n in between):
+        return True
+    layers = list(context.get("layers") or [])
+    if origin not in layers or layers.index(origin) == 0 or len(between) != 1:
+        return False
+    previous = layers[layers.index(origin) - 1]
+    kind = (context.get("activations") or {}).get(previous)
+    return kind in _FINITE_SAFE and math.isfinite(outputs.get(previous, math.nan))
+
+
 def _first_origin(rows: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Any] | None:
     for row in rows:
         origin = row.get("nonfinite_origin")
@@ -79,7 +107,11 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     layer, where, step = origin.get("layer"), origin.get("where"), origin.get("step")
     step = step if step is not None else row.get("step")
     exact = row.get("nonfinite_module")
+    overflow = ""
     named = suspects(layer, config.context, exact) if layer and where == "forward" else []
+    if named and layer and not exact and _finite_input(layer, named, row, config.context):
+        named = []
+        overflow = f"its input is finite, so layer {layer!r} itself made it"
     if layer is None:
         text = f"The loss became {row.get('loss')} at step {step} while no layer's values did."
     else:
@@ -90,6 +122,8 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
                 f"{', '.join(repr(n) for n in named)}, "
                 "so the NaN/Inf is made there (e.g. log or sqrt of a negative, 0/0, overflow)"
             )
+        elif overflow:
+            text += f"; {overflow} (an overflow of its output: weights or inputs grown too large)"
         elif where == "forward" and layer == next(iter(config.context.get("layers") or []), None):
             text += "; no layer runs before it, so check the input batch for NaN/Inf"
         text += ". Every later layer and every gradient computed from it is NaN/Inf too."

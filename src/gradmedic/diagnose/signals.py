@@ -45,6 +45,18 @@ def nonfinite_row(row: Mapping[str, Any]) -> bool:
     return any((v := _num(x)) is not None and not math.isfinite(v) for x in grads.values())
 
 
+def before_nonfinite(rows: Rows) -> Rows:
+    """The records before the first one holding NaN/Inf (all of them if none does).
+
+    What units do after the network went non-finite says nothing about them: a NaN
+    pre-activation is no unit's slope.
+    """
+    for i, row in enumerate(rows):
+        if nonfinite_row(row):
+            return rows[:i]
+    return rows
+
+
 def clip_info(row: Mapping[str, Any]) -> Mapping[str, Any]:
     """The record's ``clip`` entry, or an empty mapping."""
     clip = row.get("clip")

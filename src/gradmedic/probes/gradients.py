@@ -26,6 +26,7 @@ from gradmedic.sharding import (
 from gradmedic.tensorlists import (
     ReducePlan,
     foreach_norms,
+    l2_norms,
     norms_and_maxes,
     reduce_plan,
     stack_on,
@@ -48,6 +49,13 @@ class GradientProbe(Probe):
     over (:meth:`offer_norms`), so clipping plus monitoring reads the
     gradients once.
 
+    What the end of backward reads is what the record will use: once a step's
+    gradients changed before the record (a clip in the loop), later snapshots take
+    the L2 norms only (the post-clip max |g| is read at the record anyway), and
+    after a gradmedic clip they take them exactly as the clip does
+    (``torch._foreach_norm`` per device and dtype), so that clip reuses them
+    (:meth:`clip_norms`) and computes nothing: the numbers are bit for bit the same.
+
     Pre-clip norms, whoever clips: the monitor calls :meth:`snapshot` at the
     end of each backward pass. If nothing changed the gradients in place
     before the record (their version counters tell), the record reuses those
@@ -68,6 +76,11 @@ class GradientProbe(Probe):
         self.loss_scale: torch.Tensor | None = None
         #: How the gradients of the last-seen positions are grouped for the fused pass.
         self._plan: tuple[tuple[int, tuple[int, ...]], ReducePlan] | None = None
+        #: The last record found the gradients changed since the backward pass ...
+        self._expect_change = False
+        #: ... by a gradmedic clip that asked for this probe's norms (and did not miss).
+        self._expect_clip = False
+        self._clip_asked = self._clip_missed = False
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index (no hooks needed)."""
@@ -85,7 +98,16 @@ class GradientProbe(Probe):
         if not grads or self.index is None:
             self._snapshot = None
             return
-        l2, amax = self._norms(grads, grads[0].device, positions=positions)
+        device = grads[0].device
+        amax: torch.Tensor | None = None
+        per_tensor: tuple[torch.Tensor, ...] | None = None
+        if not self._expect_change:
+            l2, amax = self._norms(grads, device, positions=positions)
+        elif self._expect_clip and _clip_ready(grads):
+            per_tensor = tuple(foreach_norms(grads))  # as gradmedic's clip computes them
+            l2 = stack_on(per_tensor, device, dtype=None)
+        else:
+            l2 = l2_norms(grads, device, self._plan_for(grads, device, positions))
         params = self.index.params
         # FSDP1 records its flat slices without the snapshot: hold no gradient for it
         held = () if fsdp1_group(self.index.model) is not None else tuple(grads)
@@ -99,7 +121,33 @@ class GradientProbe(Probe):
             ),
             l2,  # type: ignore[arg-type]
             amax,
+            per_tensor,
         )
+
+    def clip_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The snapshot's per-tensor L2 norms of ``grads``, in their order, if they are reusable.
+
+        Only when the snapshot took them as ``foreach_norms(grads)`` does, from exactly
+        these gradient tensors (the same set), none changed since: None otherwise.
+        """
+        snap = self._snapshot
+        self._clip_asked = True
+        if snap is None or snap.per_tensor is None:
+            return None
+        found = self._matching(snap, snap.per_tensor, grads)
+        self._clip_missed = found is None  # e.g. a clip of some of the parameters only
+        return found
+
+    def _matching(
+        self, snap: _Snapshot, per_tensor: tuple[torch.Tensor, ...], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        if len(grads) != len(snap.grads) or len(set(map(id, grads))) != len(grads):
+            return None
+        if self.changed_since_snapshot() or not self._same_grads(snap):
+            return None
+        lookup = {id(g): n for g, n in zip(snap.grads, per_tensor, strict=True)}
+        found = [lookup.get(id(g)) for g in grads]
+        return None if any(n is None for n in found) else cast("list[torch.Tensor]", found)
 
     def changed_since_snapshot(self) -> bool:
         """Whether a gradient was replaced, cleared or modified in place since the snapshot.
@@ -146,13 +194,15 @@ class GradientProbe(Probe):
         order = sorted(range(len(moved)), key=lambda k: moved[k])
         take = torch.tensor(order, device=snap.norms.device)
         grads = tuple(snap.grads[k] for k in order)
+        per_tensor = snap.per_tensor
         snap = _Snapshot(
             index.params,
             tuple(moved[k] for k in order),
             grads,
             snap.sentinels,  # as read at the end of backward: a change since still shows
             snap.norms[take],
-            snap.maxes[take],
+            None if snap.maxes is None else snap.maxes[take],
+            None if per_tensor is None else tuple(per_tensor[k] for k in order),
         )
         self._snapshot = snap
         return snap
@@ -161,6 +211,7 @@ class GradientProbe(Probe):
         """Drop norms offered or snapshotted for the finished step."""
         self._offered = None
         self._snapshot = None
+        self._clip_asked = self._clip_missed = False
         self.loss_scale = None
 
     def _picked(self) -> tuple[tuple[int, ...], list[torch.Tensor]]:
@@ -187,13 +238,18 @@ class GradientProbe(Probe):
         parameters in the index) keys the cached grouping: a gradient has its parameter's
         shape, dtype and device, so the same positions always group the same way.
         """
-        plan = None
-        if positions is not None and self.index is not None:
-            key = (id(self.index.params), positions)
-            if self._plan is None or self._plan[0] != key:
-                self._plan = (key, reduce_plan(local_tensors(grads), device))
-            plan = self._plan[1]
-        return norms_and_maxes(grads, device, norms, plan)
+        return norms_and_maxes(grads, device, norms, self._plan_for(grads, device, positions))
+
+    def _plan_for(
+        self, grads: list[torch.Tensor], device: torch.device, positions: tuple[int, ...] | None
+    ) -> ReducePlan | None:
+        """The cached grouping of gradients at ``positions`` (None: none given, work it out)."""
+        if positions is None or self.index is None:
+            return None
+        key = (id(self.index.params), positions)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, reduce_plan(local_tensors(grads), device))
+        return self._plan[1]
 
     def collect(self, step: int) -> dict[str, Any]:
         """Gradient statistics of the current ``.grad`` tensors, as device tensors (no host read).
@@ -209,6 +265,11 @@ class GradientProbe(Probe):
         # GradScaler unscales in place without bumping version counters: with a loss
         # scale, the gradients are always read again.
         changed = self.loss_scale is not None or self.changed_since_snapshot()
+        # What the next snapshot reads: loops keep their shape from step to step.
+        self._expect_change = changed
+        self._expect_clip = (
+            changed and self._clip_asked and not self._clip_missed and self._offered is not None
+        )
         snap = self._aligned()
         unchanged = snap is not None and not changed and self._same_grads(snap)
         if unchanged:  # the gradients the backward pass left, as the snapshot listed them
@@ -225,6 +286,8 @@ class GradientProbe(Probe):
         pre: torch.Tensor | None = None
         if unchanged:
             l2, inf = snap.norms, snap.maxes  # type: ignore[union-attr]
+            if inf is None:  # the snapshot took the L2 norms only: a change was expected
+                inf = self._norms(grads, device, False, pos)[1]
         else:
             offered = self._offered_norms(grads, device)
             computed, inf = self._norms(grads, device, offered is None, pos)
@@ -278,7 +341,7 @@ class GradientProbe(Probe):
         names, seg = index.segments(pos, torch.device("cpu"))
         grads = without_partial(grads)
         pre = None
-        if unchanged and snap is not None:
+        if unchanged and snap is not None and snap.maxes is not None:
             l2, inf = snap.norms, snap.maxes  # the local pieces', read at the end of backward
         else:
             computed, inf = self._norms(grads, grads[0].device)
@@ -319,7 +382,10 @@ class _Snapshot:
     #: ``(parameter, id of its gradient, version counter)``, first and last gradient read.
     sentinels: tuple[tuple[torch.nn.Parameter, int, int], ...]
     norms: torch.Tensor
-    maxes: torch.Tensor
+    #: None when only the L2 norms were read (the gradients were expected to change).
+    maxes: torch.Tensor | None
+    #: The L2 norms as ``foreach_norms(grads)`` gives them, for a gradmedic clip to reuse.
+    per_tensor: tuple[torch.Tensor, ...] | None = None
 
 
 class _GradientStats(Deferred):
@@ -331,9 +397,10 @@ class _GradientStats(Deferred):
     last tensor, same version counters: the record is read before the next
     backward, as ``monitor.step()`` followed by ``history.rows()`` does), their
     norms are taken again in float64 and their NaN/Inf elements counted. Otherwise
-    the float32 norms stay (one that underflowed below its gradient's max |g| is
-    raised to that max, a lower bound within sqrt(numel) of the norm, never a 0 for
-    a gradient that is not zero), ``grad_nonfinite`` counts the gradients holding a
+    the float32 norms stay, except where a finite gradient's sum of squares under- or
+    overflowed: that norm is its max |g|, a lower bound within sqrt(numel) of it (never
+    0 for a gradient that is not zero, never inf for a finite one), and the global
+    norm is summed again from them; ``grad_nonfinite`` counts the gradients holding a
     NaN/Inf (a lower bound on the elements) and ``grad_nonfinite_exact`` is False.
     """
 
@@ -361,8 +428,11 @@ class _GradientStats(Deferred):
             l2, bad = exact
             row["global_grad_norm"] = math.sqrt(sum(v * v for v in l2))
         else:
-            if recheck:  # an underflowed float32 norm below its own max: ||g|| >= max |g|
-                l2 = [m if n < m < math.inf else n for n, m in zip(l2, amax, strict=True)]
+            if recheck:  # a float32 sum of squares that under- or overflowed: ||g|| >= max|g|
+                bounded = [_bounded(n, m) for n, m in zip(l2, amax, strict=True)]
+                if bounded != l2:
+                    l2 = bounded
+                    row["global_grad_norm"] = math.sqrt(sum(v * v for v in l2))
             if not finite:
                 row["grad_nonfinite_exact"] = False
         layers = [self.param_layer[i] for i in self.positions]
@@ -413,3 +483,17 @@ def _seg_max(values: list[float], seg: list[int], n: int) -> list[float]:
     for k, v in zip(seg, values, strict=True):
         out[k] = v if math.isnan(v) or math.isnan(out[k]) else max(out[k], v)
     return out
+
+
+def _clip_ready(grads: list[torch.Tensor]) -> bool:
+    """Whether a clip's own norms of ``grads`` are the monitor's too (no half, no shards)."""
+    return not any_dtensor(grads) and not any(
+        g.dtype in (torch.float16, torch.bfloat16) for g in grads
+    )
+
+
+def _bounded(norm: float, biggest: float) -> float:
+    """``norm``, or ``biggest`` (max |g|) where a finite gradient's float32 norm failed."""
+    if norm < biggest < math.inf or (math.isinf(norm) and biggest < math.inf):
+        return biggest
+    return norm
