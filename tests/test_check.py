@@ -233,3 +233,9 @@ def test_check_sees_gradient_over_time_of_recurrent_models():
     (finding,) = d.by_problem("exploding_in_time")
     assert finding.evidence["spectral_radius"] == pytest.approx(2.0, rel=1e-4)
     assert finding.evidence["per_step_gain"] > 1.2
+
+
+def test_model_context_gives_each_layers_own_elements_and_fan_in() -> None:
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Conv2d(4, 3, 5))
+    sizes = model_context(model, ["0", "2"])["layer_size"]
+    assert sizes == {"0": (6 * 4 + 4, 6), "2": (3 * 4 * 5 * 5 + 3, 4 * 5 * 5)}

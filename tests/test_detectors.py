@@ -268,3 +268,22 @@ def test_bad_arguments():
     empty = diagnose_rows([])  # nothing recorded is not healthy (it was)
     assert not empty.healthy and empty.status == "no_records"
     assert "monitor.step()" in empty.warnings[0]
+
+
+def test_huge_first_updates_of_a_tiny_init_blame_the_init_not_the_lr():
+    # 64x64 weights + 64 biases (4160 elements, fan_in 64); Adam moves each by ~lr=1e-3.
+    size = {"a": (4160, 64)}
+    rows = [
+        {"step": s, "update_ratio": {"a": r}, "lr": [1e-3], "param_norm": {"a": n}}
+        for s, (r, n) in enumerate([(500.0, 1.3e-4), (0.9, 0.06), (0.3, 0.1)] + [(0.01, 0.1)] * 5)
+    ]
+    tiny = diagnose_rows(rows, context={"layer_size": size}).by_problem("unstable_updates")[0]
+    start = 1.3e-4 / math.sqrt(4160) * math.sqrt(64)
+    assert tiny.evidence["initial_scale"] == pytest.approx(start)
+    assert (
+        tiny.remedies[0].name == "xavier_init" and "init, not the learning rate" in tiny.explanation
+    )
+    assert tiny.severity is Severity.WARNING  # gone by itself once the weights grew
+    normal = [{**r, "param_norm": {"a": 4.0}} for r in rows]  # a default init's scale, ~0.5
+    f = diagnose_rows(normal, context={"layer_size": size}).by_problem("unstable_updates")[0]
+    assert f.remedies[0].name == "lower_lr" and f.severity is Severity.CRITICAL

@@ -541,3 +541,16 @@ def test_weight_spectra_match_svd() -> None:
     # 280 > 256: power iteration, warm-started, converging from below; 30 iterations in
     assert rows[4]["weight_sigma_max"]["0"] == pytest.approx(want0, rel=2e-2)
     assert rows[4]["weight_sigma_max"]["2"] == pytest.approx(want2, rel=1e-6)
+
+
+def test_an_optimizer_of_another_model_is_warned_about_once_at_watch() -> None:
+    import warnings as w
+
+    model, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="steps none of the model's parameters"):
+        gradmedic.watch(model, torch.optim.SGD(other.parameters(), lr=0.1)).close()
+    with w.catch_warnings():
+        w.simplefilter("error")  # a subset, or extra tensors, is a real setup: no warning
+        gradmedic.watch(model, torch.optim.SGD([model.weight], lr=0.1)).close()
+        extra = torch.nn.Parameter(torch.ones(1))
+        gradmedic.watch(model, torch.optim.SGD([*model.parameters(), extra], lr=0.1)).close()

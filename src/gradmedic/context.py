@@ -98,7 +98,8 @@ def model_context(
 
     Returns:
         ``{"activations": {layer: class name of the activation run after it},
-        "weight_scale": {layer: std(W) * sqrt(fan_in)}, "forward_order": [...],
+        "weight_scale": {layer: std(W) * sqrt(fan_in)}, "layer_size": {layer: (elements
+        of its own parameters, fan_in)}, "forward_order": [...],
         "structure": {"normalization": [...], "residual": [...], "gated": [...],
         "recurrent": [...]}}`` plus ``"optimizer"`` (``{"type", "adaptive", "lr",
         ...}`` or None, :func:`~gradmedic.optimizer_facts.optimizer_facts`) when given.
@@ -116,14 +117,18 @@ def model_context(
     else:
         acts = following_activations(model, list(layers))
     scales: dict[str, float] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for name in layers:
         weight = getattr(modules.get(name), "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.numel() > 1:
             w = weight.detach().float()
             scales[name] = float(w.std() * math.sqrt(w[0].numel()))
+            numel = sum(p.numel() for p in modules[name].parameters(recurse=False))
+            sizes[name] = (numel, w[0].numel())
     out: dict[str, Any] = {
         "activations": acts,
         "weight_scale": scales,
+        "layer_size": sizes,
         "forward_order": list(forward_order),
         "structure": structure(model),
     }

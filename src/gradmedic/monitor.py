@@ -136,6 +136,13 @@ class Monitor:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
+        if optimizer is not None and _steps_none_of(optimizer, model):
+            warnings.warn(
+                "gradmedic: the optimizer steps none of the model's parameters, so its updates "
+                "and learning rates describe another model; build it over this model, e.g. "
+                "torch.optim.SGD(model.parameters(), lr=0.01), or pass optimizer=None",
+                stacklevel=3,
+            )
         for flag, value in (("deltas", deltas), ("updates", updates)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
@@ -729,6 +736,13 @@ def _is_scalar_loss(value: Any) -> TypeGuard[torch.Tensor | float]:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and value.is_floating_point()
     return isinstance(value, float) and not isinstance(value, bool)
+
+
+def _steps_none_of(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Whether ``optimizer`` has parameters and none of them is one of ``model``'s."""
+    own = {id(p) for p in model.parameters()}
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    return bool(own and stepped) and not any(id(p) in own for p in stepped)
 
 
 def _compiled_inner(model: nn.Module) -> nn.Module:

@@ -113,6 +113,23 @@ def existing_clip(rows: Rows) -> float | None:
 # ---- update ratios --------------------------------------------------------------------
 
 
+def initial_scale(rows: Rows, layer: str, context: Mapping[str, Any]) -> float | None:
+    """``rms(w) * sqrt(fan_in)`` of ``layer`` at its first recorded ``param_norm``.
+
+    The same measure as ``weight_scale`` (about 0.6 for PyTorch's default init, 1 for
+    Xavier, 1.4 for He), from the record instead of the model as it is now: what
+    the layer started from. None when unknown.
+    """
+    size = (context.get("layer_size") or {}).get(layer)
+    if not size or not size[0]:
+        return None
+    for row in rows:
+        value = _num((row.get("param_norm") or {}).get(layer))
+        if value is not None:
+            return value / math.sqrt(size[0]) * math.sqrt(size[1])
+    return None
+
+
 def zero_started(rows: Rows) -> dict[str, int]:
     """Layer -> row index of its first record with ``param_norm == 0`` (zero-initialized)."""
     out: dict[str, int] = {}

@@ -20,7 +20,13 @@ from gradmedic.diagnose.config import DiagnosisConfig
 from gradmedic.diagnose.episodes import Point, episode, larger
 from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import adaptive_optimizer, lower_lr, setup_of
-from gradmedic.diagnose.signals import RatioPoint, largest, ratio_points, zero_started
+from gradmedic.diagnose.signals import (
+    RatioPoint,
+    initial_scale,
+    largest,
+    ratio_points,
+    zero_started,
+)
 from gradmedic.diagnose.suggest import lr_factor as _lr_factor
 from gradmedic.diagnose.suggest import suggested
 from gradmedic.findings import Finding, Problem, Severity
@@ -133,6 +139,18 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     remedies = [
         lower_lr(setup, s.lr_factor, s.lr_why, s.lr or _lr_list(row)),
     ]
+    start = initial_scale(rows, layer, config.context)
+    tiny = start is not None and 0 < start < TINY_INIT
+    if tiny:
+        text += (
+            f" Layer {layer!r} started from weights of scale {start:.2g} (rms(w) * sqrt(fan_in); "
+            "PyTorch's default init gives about 0.6, Xavier 1, He 1.4): a step of ordinary "
+            "size is then many times their norm, until they grow. The init, not the learning "
+            "rate, is the outlier."
+        )
+        kind = (config.context.get("activations") or {}).get(layer)
+        scheme = "he" if kind in {"ReLU", "LeakyReLU", "PReLU", "ReLU6"} else "xavier"
+        remedies.insert(0, catalog.init_scheme(scheme, "starts the weights at a normal scale"))
     if s.clip_norm is not None:
         remedies.append(catalog.clip_norm(s.clip_norm, f"bounds each step: {s.clip_why} (R7)"))
     remedies += [
@@ -142,7 +160,11 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     return [
         Finding(
             problem=Problem.UNSTABLE_UPDATES,
-            severity=Severity.CRITICAL if peak >= config.update_ratio_spike else Severity.WARNING,
+            severity=(
+                Severity.CRITICAL
+                if peak >= config.update_ratio_spike and not (tiny and ep.recovery is not None)
+                else Severity.WARNING
+            ),
             layers=[layer],
             evidence={
                 "rule": rule,
@@ -154,6 +176,7 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
                     config.update_ratio_spike if rule == "spike" else config.update_ratio_sustained
                 ),
                 "zero_initialized": zero,
+                "initial_scale": start,
             },
             explanation=text,
             remedies=remedies,
@@ -161,6 +184,11 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
             episode=ep,
         )
     ]
+
+
+#: A layer starting below this scale (rms(w) * sqrt(fan_in)), 30x under PyTorch's default
+#: init, was initialized too small: its first updates are huge relative to it.
+TINY_INIT = 0.02
 
 
 def _lr_list(row: Mapping[str, Any]) -> list[float] | None:
