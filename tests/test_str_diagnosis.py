@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 
+import torch
 from rich.console import Console
 
+import gradmedic
 from gradmedic.diagnose import diagnose_rows
 from gradmedic.findings import Coverage, Diagnosis, Episode, Finding, Problem, Remedy, Severity
 from gradmedic.report.terminal import PIPE_WIDTH, console
@@ -49,7 +51,7 @@ def test_str_of_healthy_and_empty_runs() -> None:
     healthy = diagnose_rows(rows)
     assert healthy.healthy
     assert str(healthy) == "gradmedic: healthy, no gradient problem found (3 records, steps 0-2)"
-    assert str(diagnose_rows([])) == "gradmedic: nothing diagnosed: no step was recorded"
+    assert str(diagnose_rows([])).startswith("gradmedic: nothing diagnosed: no step was recorded")
 
 
 def test_repr_html_escapes_and_lists_findings() -> None:
@@ -76,3 +78,25 @@ def test_console_for_a_pipe_is_wide(monkeypatch) -> None:
     assert console().width == PIPE_WIDTH  # pytest captures stdout: not a terminal
     monkeypatch.setenv("COLUMNS", "120")
     assert console().width == 120
+
+
+def test_a_run_that_recorded_nothing_says_what_to_call() -> None:
+    model = torch.nn.Linear(3, 2)
+    with gradmedic.watch(model) as mon:  # no optimizer: records at monitor.step()
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+    text = str(mon.diagnose())
+    assert text.startswith("gradmedic: nothing diagnosed: backward passes ran but monitor.step()")
+    assert "call monitor.step(loss=loss) after each loss.backward()" in text
+
+
+def test_layer_lists_elide_only_what_they_hide() -> None:
+    from gradmedic.report.summary import finding_line
+
+    for layers, shown in [
+        (["0", "2", "4", "6"], "layers 0, 2, 4, 6"),
+        (["0", "2", "4", "6", "8"], "layers 0, 2, 4, ..., 8"),
+    ]:
+        f = Finding(Problem.VANISHING, Severity.WARNING, layers, {}, "", [])
+        assert finding_line(f).endswith(shown)

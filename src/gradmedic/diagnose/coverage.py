@@ -102,6 +102,14 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             "nn.Parameter?)."
         ]
     if cov.steps == 0:
+        no_opt = monitor.get("optimizer") is False or context.get("optimizer", True) is None
+        if cov.skipped and no_opt:
+            return [
+                "Nothing to diagnose: backward passes ran but monitor.step() "
+                "was never called. This monitor has no optimizer, so it records at "
+                "monitor.step(): call monitor.step(loss=loss) after each loss.backward() (or "
+                "pass the optimizer to watch())."
+            ]
         if cov.skipped:
             return [
                 f"Nothing to diagnose: all {cov.skipped} recorded iteration(s) were skipped "

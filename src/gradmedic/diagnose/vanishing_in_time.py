@@ -51,7 +51,7 @@ def remedies(fit: TimeFit, limit: float) -> list[Remedy]:
             catalog.forget_bias(
                 b,
                 "the cell gradient is multiplied by the forget gate at each step"
-                + (f" (measured mean {f:.2f})" if f is not None else "")
+                + (f" (measured mean {sci(f)})" if f is not None else "")
                 + f"; sigmoid({b:g}) = {1 / (1 + math.exp(-b)):.3f} keeps "
                 f"{fit.seq_len - 1} steps above {sci(limit)} (R8)",
             )

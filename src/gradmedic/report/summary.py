@@ -62,7 +62,7 @@ def finding_line(f: Finding) -> str:
     text = " ".join(parts)
     if f.layers:
         layers = list(f.layers)
-        shown = ", ".join(layers[:3]) + (f" ... {layers[-1]}" if len(layers) > 3 else "")
+        shown = ", ".join(layers if len(layers) <= 4 else [*layers[:3], "...", layers[-1]])
         text += f"; layers {shown}"
     return text
 
@@ -78,13 +78,19 @@ def _key_number(f: Finding) -> str:
     return ""
 
 
+_NOTHING = "Nothing to diagnose: "
+
+
 def _status(d: Diagnosis) -> str:
     cov = d.coverage
     span = ""
     if cov is not None and cov.steps:
         span = f" ({cov.steps} records, steps {cov.first_step}-{cov.last_step})"
     if d.status == "no_records":
-        return "gradmedic: nothing diagnosed: no step was recorded"
+        why = next((n for n in d.warnings if n.startswith(_NOTHING)), None)
+        return "gradmedic: nothing diagnosed: " + (
+            why[len(_NOTHING) :] if why else "no step was recorded"
+        )
     if d.status == "nothing_checked":
         return f"gradmedic: nothing diagnosed: the records hold no evidence any check reads{span}"
     if d.healthy:
