@@ -341,8 +341,10 @@ class GradientProbe(Probe):
         names, seg = index.segments(pos, torch.device("cpu"))
         grads = without_partial(grads)
         pre = None
-        if unchanged and snap is not None and snap.maxes is not None:
+        if unchanged and snap is not None:
             l2, inf = snap.norms, snap.maxes  # the local pieces', read at the end of backward
+            if inf is None:  # the snapshot took the L2 norms only: a change was expected
+                inf = self._norms(grads, grads[0].device, False)[1]
         else:
             computed, inf = self._norms(grads, grads[0].device)
             l2 = cast(torch.Tensor, computed)  # norms=True: always computed
