@@ -106,6 +106,28 @@ def test_transformers_trainer_callback(tmp_path) -> None:
     assert all(r["global_grad_norm"] <= 0.5 + 1e-5 for r in rows)
 
 
+def test_transformers_series_reach_the_trainer_state_log_history(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gradmedic.integrations.transformers import GradmedicTrainerCallback
+
+    data = [{"x": torch.randn(16), "labels": torch.randn(1)} for _ in range(48)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=16, report_to=[],
+        use_cpu=True, logging_strategy="steps", logging_steps=1, save_strategy="no",
+        disable_tqdm=True,
+    )  # fmt: skip
+    callback = GradmedicTrainerCallback(show=False)
+    trainer = transformers.Trainer(
+        model=HFModel(), args=args, train_dataset=data, callbacks=[callback]
+    )
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 3
+    for entry in logged:  # post-clip (max_grad_norm 1.0) where the Trainer logs pre-clip
+        assert 0 < entry["gradmedic/grad_norm/global"] <= min(1.0, entry["grad_norm"]) + 1e-5
+
+
 def test_innermost_optimizer_unwraps() -> None:
     from gradmedic.integrations._session import innermost_optimizer
 

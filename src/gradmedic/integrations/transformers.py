@@ -89,9 +89,18 @@ class GradmedicTrainerCallback(SessionCallback, TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         logs: dict[str, float] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        """Add the newest record's series to ``logs``."""
+        """Add the newest record's series to ``logs`` and to the state's ``log_history``.
+
+        The Trainer appends a copy of ``logs`` to ``state.log_history`` before its
+        callbacks see them: the series go into that entry too (``trainer_state.json``).
+        """
         if logs is not None and "loss" in logs:  # a training log, not an evaluation one
-            logs.update(self.session.series())
+            series = self.session.series()
+            logs.update(series)
+            history = getattr(state, "log_history", None)
+            last = history[-1] if history else None
+            if isinstance(last, dict) and last.get("step") == state.global_step and "loss" in last:
+                last.update(series)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
