@@ -97,7 +97,10 @@ def render_coverage(diagnosis: Diagnosis) -> Text | None:
     if cov is None or cov.steps == 0:
         return None
     span = f"steps {cov.first_step}-{cov.last_step}" if cov.steps > 1 else f"step {cov.first_step}"
-    keys = ", ".join(f"{k} {n}" for k, n in list(cov.keys.items())[:10])
+    listed = list(cov.keys.items())
+    keys = ", ".join(f"{k} {n}" for k, n in listed[:10])
+    if len(listed) > 10:
+        keys += f" and {len(listed) - 10} more"
     head = f"coverage: {cov.steps} record(s), {span}"
     if cov.skipped:
         head += f", {cov.skipped} skipped"
