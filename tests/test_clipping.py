@@ -141,9 +141,6 @@ class _FakeMonitor:
     def note_clip(self, params, norms, info):
         self.notes.append((params, norms, info))
 
-    def clip_norms(self, grads):
-        return None  # nothing read at the end of backward: the clip computes its own
-
 
 def test_monitor_gets_the_pre_clip_norms(monkeypatch):
     w = torch.nn.Parameter(torch.zeros(2))

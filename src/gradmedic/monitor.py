@@ -298,16 +298,6 @@ class Monitor:
         if per_param_norms is not None and "scale" in info:
             self._gradients.offer_norms(list(grads), list(per_param_norms), info["scale"])
 
-    def clip_norms(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-        """L2 norms of ``grads`` read at the end of backward, for gradmedic's clipping to reuse.
-
-        Exactly what ``foreach_norms(grads)`` would give, or None (not read that way,
-        or the gradients changed since).
-        """
-        if self.disabled or self.closed:
-            return None
-        return self._gradients.clip_norms(list(grads))
-
     def diagnose(self, config: Any = None) -> Diagnosis:
         """Run every detector on the recorded history."""
         from gradmedic.diagnose import diagnose_rows

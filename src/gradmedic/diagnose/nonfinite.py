@@ -111,7 +111,11 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     named = suspects(layer, config.context, exact) if layer and where == "forward" else []
     if named and layer and not exact and _finite_input(layer, named, row, config.context):
         named = []
-        overflow = f"its input is finite, so layer {layer!r} itself made it"
+        overflow = (
+            f"the modules before it output finite values, so layer {layer!r} made it (an "
+            "overflow of its output: weights or inputs grown too large), or a functional "
+            "operation in the forward code between them did (e.g. log of 0)"
+        )
     if layer is None:
         text = f"The loss became {row.get('loss')} at step {step} while no layer's values did."
     else:
@@ -123,7 +127,7 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
                 "so the NaN/Inf is made there (e.g. log or sqrt of a negative, 0/0, overflow)"
             )
         elif overflow:
-            text += f"; {overflow} (an overflow of its output: weights or inputs grown too large)"
+            text += f"; {overflow}"
         elif where == "forward" and layer == next(iter(config.context.get("layers") or []), None):
             text += "; no layer runs before it, so check the input batch for NaN/Inf"
         text += ". Every later layer and every gradient computed from it is NaN/Inf too."

@@ -51,10 +51,11 @@ class GradientProbe(Probe):
 
     What the end of backward reads is what the record will use: once a step's
     gradients changed before the record (a clip in the loop), later snapshots take
-    the L2 norms only (the post-clip max |g| is read at the record anyway), and
-    after a gradmedic clip they take them exactly as the clip does
-    (``torch._foreach_norm`` per device and dtype), so that clip reuses them
-    (:meth:`clip_norms`) and computes nothing: the numbers are bit for bit the same.
+    the L2 norms only (the post-clip max |g| is read at the record anyway). The clip
+    itself always computes its own norms: whether a gradient was edited in between
+    (through ``.data``, which has its own version counter, or by DDP's in-place
+    all-reduce) cannot be known without reading it, and training must come out
+    the same watched or not.
 
     Pre-clip norms, whoever clips: the monitor calls :meth:`snapshot` at the
     end of each backward pass. If nothing changed the gradients in place
@@ -76,11 +77,8 @@ class GradientProbe(Probe):
         self.loss_scale: torch.Tensor | None = None
         #: How the gradients of the last-seen positions are grouped for the fused pass.
         self._plan: tuple[tuple[int, tuple[int, ...]], ReducePlan] | None = None
-        #: The last record found the gradients changed since the backward pass ...
+        #: The last record found the gradients changed since the backward pass.
         self._expect_change = False
-        #: ... by a gradmedic clip that asked for this probe's norms (and did not miss).
-        self._expect_clip = False
-        self._clip_asked = self._clip_missed = False
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layer index (no hooks needed)."""
@@ -100,13 +98,9 @@ class GradientProbe(Probe):
             return
         device = grads[0].device
         amax: torch.Tensor | None = None
-        per_tensor: tuple[torch.Tensor, ...] | None = None
         if not self._expect_change:
             l2, amax = self._norms(grads, device, positions=positions)
-        elif self._expect_clip and _clip_ready(grads):
-            per_tensor = tuple(foreach_norms(grads))  # as gradmedic's clip computes them
-            l2 = stack_on(per_tensor, device, dtype=None)
-        else:
+        else:  # changed before the record: only the pre-clip norms are of use now
             l2 = l2_norms(grads, device, self._plan_for(grads, device, positions))
         params = self.index.params
         # FSDP1 records its flat slices without the snapshot: hold no gradient for it
@@ -121,33 +115,7 @@ class GradientProbe(Probe):
             ),
             l2,  # type: ignore[arg-type]
             amax,
-            per_tensor,
         )
-
-    def clip_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The snapshot's per-tensor L2 norms of ``grads``, in their order, if they are reusable.
-
-        Only when the snapshot took them as ``foreach_norms(grads)`` does, from exactly
-        these gradient tensors (the same set), none changed since: None otherwise.
-        """
-        snap = self._snapshot
-        self._clip_asked = True
-        if snap is None or snap.per_tensor is None:
-            return None
-        found = self._matching(snap, snap.per_tensor, grads)
-        self._clip_missed = found is None  # e.g. a clip of some of the parameters only
-        return found
-
-    def _matching(
-        self, snap: _Snapshot, per_tensor: tuple[torch.Tensor, ...], grads: list[torch.Tensor]
-    ) -> list[torch.Tensor] | None:
-        if len(grads) != len(snap.grads) or len(set(map(id, grads))) != len(grads):
-            return None
-        if self.changed_since_snapshot() or not self._same_grads(snap):
-            return None
-        lookup = {id(g): n for g, n in zip(snap.grads, per_tensor, strict=True)}
-        found = [lookup.get(id(g)) for g in grads]
-        return None if any(n is None for n in found) else cast("list[torch.Tensor]", found)
 
     def changed_since_snapshot(self) -> bool:
         """Whether a gradient was replaced, cleared or modified in place since the snapshot.
@@ -194,7 +162,6 @@ class GradientProbe(Probe):
         order = sorted(range(len(moved)), key=lambda k: moved[k])
         take = torch.tensor(order, device=snap.norms.device)
         grads = tuple(snap.grads[k] for k in order)
-        per_tensor = snap.per_tensor
         snap = _Snapshot(
             index.params,
             tuple(moved[k] for k in order),
@@ -202,7 +169,6 @@ class GradientProbe(Probe):
             snap.sentinels,  # as read at the end of backward: a change since still shows
             snap.norms[take],
             None if snap.maxes is None else snap.maxes[take],
-            None if per_tensor is None else tuple(per_tensor[k] for k in order),
         )
         self._snapshot = snap
         return snap
@@ -211,7 +177,6 @@ class GradientProbe(Probe):
         """Drop norms offered or snapshotted for the finished step."""
         self._offered = None
         self._snapshot = None
-        self._clip_asked = self._clip_missed = False
         self.loss_scale = None
 
     def _picked(self) -> tuple[tuple[int, ...], list[torch.Tensor]]:
@@ -267,9 +232,6 @@ class GradientProbe(Probe):
         changed = self.loss_scale is not None or self.changed_since_snapshot()
         # What the next snapshot reads: loops keep their shape from step to step.
         self._expect_change = changed
-        self._expect_clip = (
-            changed and self._clip_asked and not self._clip_missed and self._offered is not None
-        )
         snap = self._aligned()
         unchanged = snap is not None and not changed and self._same_grads(snap)
         if unchanged:  # the gradients the backward pass left, as the snapshot listed them
@@ -386,8 +348,6 @@ class _Snapshot:
     norms: torch.Tensor
     #: None when only the L2 norms were read (the gradients were expected to change).
     maxes: torch.Tensor | None
-    #: The L2 norms as ``foreach_norms(grads)`` gives them, for a gradmedic clip to reuse.
-    per_tensor: tuple[torch.Tensor, ...] | None = None
 
 
 class _GradientStats(Deferred):
@@ -486,12 +446,6 @@ def _seg_max(values: list[float], seg: list[int], n: int) -> list[float]:
         out[k] = v if math.isnan(v) or math.isnan(out[k]) else max(out[k], v)
     return out
 
-
-def _clip_ready(grads: list[torch.Tensor]) -> bool:
-    """Whether a clip's own norms of ``grads`` are the monitor's too (no half, no shards)."""
-    return not any_dtensor(grads) and not any(
-        g.dtype in (torch.float16, torch.bfloat16) for g in grads
-    )
 
 
 def _bounded(norm: float, biggest: float) -> float:

@@ -80,9 +80,7 @@ def clip_grad_norm_(
             return torch.tensor(0.0)
         grads = [g for _, g in pairs]
         monitor = active_monitor([p for p, _ in pairs])
-        norms = _monitored_norms(monitor, grads) if norm_type == 2.0 and foreach is None else None
-        if norms is None:
-            norms = foreach_norms(grads, norm_type, foreach)
+        norms = foreach_norms(grads, norm_type, foreach)
         total = total_norm(norms, norm_type, grads[0].device)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise GradmedicError(
@@ -195,21 +193,6 @@ def active_monitor(params: list[torch.Tensor]) -> Any:
         return module.find_monitor(params)
     except Exception as exc:  # a monitor bug must not stop training
         _warn_once(f"gradmedic: could not look up the active monitor ({exc!r}); clipping goes on.")
-        return None
-
-
-def _monitored_norms(monitor: Any, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The watching monitor's own L2 norms of exactly ``grads``, if it read them as the clip would.
-
-    Bit for bit what ``foreach_norms(grads)`` gives (the same kernels on the same
-    tensors): clipping under the monitor reads the gradients no more than without it.
-    """
-    if monitor is None:
-        return None
-    try:
-        return monitor.clip_norms(grads)
-    except Exception as exc:
-        _warn_once(f"gradmedic: the monitor could not share its norms ({exc!r}); clipping goes on.")
         return None
 
 
