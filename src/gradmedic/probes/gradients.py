@@ -447,7 +447,6 @@ def _seg_max(values: list[float], seg: list[int], n: int) -> list[float]:
     return out
 
 
-
 def _bounded(norm: float, biggest: float) -> float:
     """``norm``, or ``biggest`` (max |g|) where a finite gradient's float32 norm failed."""
     if norm < biggest < math.inf or (math.isinf(norm) and biggest < math.inf):
