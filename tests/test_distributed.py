@@ -27,9 +27,9 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, bucket_view: bool = False) -> None:
     ranks.init(rank, world, port)
-    model = nn.parallel.DistributedDataParallel(_model())
+    model = nn.parallel.DistributedDataParallel(_model(), gradient_as_bucket_view=bucket_view)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _data()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -40,8 +40,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     ranks.finish()
 
 
-def test_ddp_records_the_global_gradient(tmp_path) -> None:
-    ranks.spawn(_worker, 2, str(tmp_path))
+def _bucket_view_worker(rank: int, world: int, port: int, out: str) -> None:
+    _worker(rank, world, port, out, bucket_view=True)  # all-reduced in place, no version bump
+
+
+@pytest.mark.parametrize("worker", [_worker, _bucket_view_worker], ids=["copy", "bucket_view"])
+def test_ddp_records_the_global_gradient(tmp_path, worker) -> None:
+    ranks.spawn(worker, 2, str(tmp_path))
     model = _model()
     x, y = _data()
     nn.functional.mse_loss(model(x), y).backward()  # the full batch in one process

@@ -104,7 +104,19 @@ class PassWatch:
     def _backward_reached(self, grad: torch.Tensor) -> None:
         if not self._queued:
             self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
+
+    def _queue_end(self) -> None:
+        """Queue the end of backward behind every callback queued during the pass.
+
+        Ours is queued first (at the output's gradient); DDP queues its all-reduce's
+        finalization later, and it may write the gradients in place (bucket views):
+        queued again from here, the end runs after it.
+        """
+        try:
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+        except RuntimeError:  # an engine that takes no callback from a callback: end now
+            self._backward_ended()
 
     def _backward_ended(self) -> None:
         self._queued = False
