@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,23 @@ def test_hf_trainer_max_grad_norm_matches_its_own_log(tmp_path) -> None:
     for row, hf_norm in zip(rows, logged, strict=True):
         assert row["clip"]["pre_norm"] == pytest.approx(hf_norm, rel=1e-4)  # HF logs pre-clip
         assert row["global_grad_norm"] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_a_middle_gradient_edited_in_place_is_read_again_and_is_no_clip() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 8)
+    with gradmedic.watch(model, opt) as mon:
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            before = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model[2].parameters()))
+            for p in model[2].parameters():
+                p.grad.zero_()  # the middle layer frozen for this step, in place
+            opt.step()
+            row = mon.history.rows()[-1]
+            assert row["grad_norm"]["2"] == 0.0  # read again, not the snapshot's
+            assert row["grad_norm"]["0"] > 0 and row["grad_max"]["2"] == 0.0
+            assert row["pre_clip_grad_norm"]["2"] == pytest.approx(before, rel=1e-5)
+            assert "clip" not in row  # a cleared gradient is no clipping

@@ -598,10 +598,10 @@ class Monitor:
         if isinstance(clip, dict) and "pre_norm" in clip and "kind" not in clip:
             # Gradients changed between backward and step; only a real reduction is clipping.
             pre, post = clip["pre_norm"], clip["post_norm"]
-            if math.isfinite(pre) and post < pre * (1 - 1e-6):
+            if math.isfinite(pre) and post < pre * (1 - 1e-6) and not _cleared(row):
                 clip.update(kind="external", clipped=True)
             else:
-                del row["clip"]  # changed (loss unscaling) but not clipped
+                del row["clip"]  # changed (unscaled, a gradient cleared) but not clipped
         elif isinstance(clip, dict) and "clipped" in clip:
             clip["clipped"] = bool(clip["clipped"])
         flags = row.pop("_forward_nonfinite", None)
@@ -780,6 +780,16 @@ def _unscale_nested(profile: dict[str, Any], scale: torch.Tensor) -> None:
             for stream in value.values():
                 if isinstance(stream, dict):
                     _unscale_nested(stream, scale)
+
+
+def _cleared(row: Mapping[str, Any]) -> bool:
+    """Whether some layer's gradient went from nonzero to exactly 0 before the step.
+
+    No clipper does that (by norm: one factor for all; by value: a clamp): the loop
+    cleared it (a layer frozen for a step), which is no clipping.
+    """
+    pre, post = row.get("pre_clip_grad_norm") or {}, row.get("grad_norm") or {}
+    return any(post.get(k) == 0.0 and v > 0 for k, v in pre.items())
 
 
 def _clip_field(info: dict[str, Any] | None, data: dict[str, Any]) -> dict[str, Any] | None:

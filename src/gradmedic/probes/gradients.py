@@ -33,6 +33,7 @@ from gradmedic.tensorlists import (
 )
 
 _GRAD = attrgetter("grad")
+_VERSION = attrgetter("_version")
 #: max |g| below this (2^-60): a float32 sum of squares may have lost the gradient.
 _TINY = 2.0**-60
 
@@ -115,13 +116,15 @@ class GradientProbe(Probe):
             ),
             l2,  # type: ignore[arg-type]
             amax,
+            _versions(held),
         )
 
     def changed_since_snapshot(self) -> bool:
         """Whether a gradient was replaced, cleared or modified in place since the snapshot.
 
-        Clearing, clipping and unscaling touch every gradient: the first and the last
-        one tell (:meth:`_same_grads` checks every gradient's identity when it matters).
+        The first and the last gradient's identity and every gradient's version
+        counter tell (:meth:`_same_grads` checks every gradient's identity when it
+        matters). An edit through ``.data`` (its own counter) is not seen.
         """
         snap = self._snapshot
         if snap is None:
@@ -130,7 +133,8 @@ class GradientProbe(Probe):
             g = param.grad
             if g is None or id(g) != ident or version_of(g) != version:
                 return True
-        return False
+        # one gradient edited in place (a layer frozen for a step): every counter, C loops
+        return bool(snap.versions) and _versions(snap.grads) != snap.versions
 
     def _same_grads(self, snap: _Snapshot) -> bool:
         """Whether every parameter still holds the gradient tensor the snapshot read.
@@ -169,6 +173,7 @@ class GradientProbe(Probe):
             snap.sentinels,  # as read at the end of backward: a change since still shows
             snap.norms[take],
             None if snap.maxes is None else snap.maxes[take],
+            tuple(snap.versions[k] for k in order) if snap.versions else (),
         )
         self._snapshot = snap
         return snap
@@ -348,6 +353,8 @@ class _Snapshot:
     norms: torch.Tensor
     #: None when only the L2 norms were read (the gradients were expected to change).
     maxes: torch.Tensor | None
+    #: The version counter of each of ``grads`` when read.
+    versions: tuple[int, ...] = ()
 
 
 class _GradientStats(Deferred):
@@ -452,3 +459,8 @@ def _bounded(norm: float, biggest: float) -> float:
     if norm < biggest < math.inf or (math.isinf(norm) and biggest < math.inf):
         return biggest
     return norm
+
+
+def _versions(grads: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    """Every gradient's in-place version counter (of its local piece for a DTensor)."""
+    return tuple(map(_VERSION, local_tensors(grads)))
