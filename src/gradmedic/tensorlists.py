@@ -292,11 +292,9 @@ def _reduce(
             if mat.dim() == 1:  # 0-d tensors: one column each
                 mat = mat.unsqueeze(1)
             dims = tuple(range(1, mat.dim()))  # reduced in place: no reshape kernel
-            if not maxima:
-                pass
-            elif mat.numel() <= _ABS_TEMPORARY:
+            if maxima and mat.numel() <= _ABS_TEMPORARY:
                 maxes.append(mat.abs().amax(dims))
-            else:  # max(max, -min): no |mat| temporary as large as the stack
+            elif maxima:  # max(max, -min): no |mat| temporary as large as the stack
                 maxes.append(torch.maximum(mat.amax(dims), mat.amin(dims).neg_()))
             if norms:
                 half = mat.dtype in (torch.float16, torch.bfloat16)

@@ -83,6 +83,12 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
     )
 
 
+_RECORDS_AT_STEP = (
+    "This monitor has no optimizer, so it records at monitor.step(): call "
+    "monitor.step(loss=loss) after each loss.backward() (or pass the optimizer to watch())."
+)
+
+
 def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
     """Sentences naming why nothing could be diagnosed (empty when something was).
 
@@ -102,13 +108,13 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             "nn.Parameter?)."
         ]
     if cov.steps == 0:
-        no_opt = monitor.get("optimizer") is False or context.get("optimizer", True) is None
-        if cov.skipped and no_opt:
+        has_opt = monitor.get("optimizer")
+        if has_opt is None and "optimizer" in context:
+            has_opt = context["optimizer"] is not None
+        if cov.skipped and has_opt is False:
             return [
-                "Nothing to diagnose: backward passes ran but monitor.step() "
-                "was never called. This monitor has no optimizer, so it records at "
-                "monitor.step(): call monitor.step(loss=loss) after each loss.backward() (or "
-                "pass the optimizer to watch())."
+                "Nothing to diagnose: backward passes ran but monitor.step() was never "
+                f"called. {_RECORDS_AT_STEP}"
             ]
         if cov.skipped:
             return [
@@ -116,20 +122,13 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
                 "(the optimizer step did not run: a GradScaler found inf/NaN every time)."
             ]
         seen = monitor.get("steps_seen")
-        has_opt = monitor.get("optimizer")
-        if has_opt is None and "optimizer" in context:
-            has_opt = context["optimizer"] is not None
         if isinstance(seen, int) and seen > 0:
             return [
                 f"Nothing to diagnose: the monitor saw {seen} step(s) but recorded none "
                 "(its `every` schedule skipped them all)."
             ]
         if has_opt is False:
-            return [
-                "Nothing to diagnose: no step was recorded. This monitor has no optimizer, so "
-                "it records at monitor.step(): call monitor.step(loss=loss) after each "
-                "loss.backward() (or pass the optimizer to watch())."
-            ]
+            return [f"Nothing to diagnose: no step was recorded. {_RECORDS_AT_STEP}"]
         if has_opt is True:
             return [
                 "Nothing to diagnose: no step was recorded. The monitor records at "

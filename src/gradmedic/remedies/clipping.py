@@ -79,7 +79,6 @@ def clip_grad_norm_(
         if not pairs:
             return torch.tensor(0.0)
         grads = [g for _, g in pairs]
-        monitor = active_monitor([p for p, _ in pairs])
         norms = foreach_norms(grads, norm_type, foreach)
         total = total_norm(norms, norm_type, grads[0].device)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -91,6 +90,7 @@ def clip_grad_norm_(
             )
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         scale_grads_(grads, scale, foreach)
+        monitor = active_monitor([p for p, _ in pairs])
         if monitor is not None:
             notify(
                 monitor,
