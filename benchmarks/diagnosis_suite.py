@@ -272,15 +272,19 @@ class Transformer(nn.Module):
 
 
 class RNNNet(nn.Module):
-    """A recurrent layer over the sequence, classifying from the last step's output."""
+    """A recurrent layer over the sequence, classifying from the last step's output.
 
-    def __init__(self, cell: nn.RNNBase, hidden: int) -> None:
+    ``every_step``: from the mean of every step's logits instead, so that the loss
+    reaches every step directly, as a language model's does.
+    """
+
+    def __init__(self, cell: nn.RNNBase, hidden: int, every_step: bool = False) -> None:
         super().__init__()
-        self.rnn, self.head = cell, nn.Linear(hidden, 10)
+        self.rnn, self.head, self.every_step = cell, nn.Linear(hidden, 10), every_step
 
     def forward(self, x):
         out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+        return self.head(out).mean(1) if self.every_step else self.head(out[:, -1])
 
 
 def rnn(inp: int, hidden: int, nonlinearity: str, gain: float | None) -> RNNNet:
@@ -292,14 +296,16 @@ def rnn(inp: int, hidden: int, nonlinearity: str, gain: float | None) -> RNNNet:
     return RNNNet(cell, hidden)
 
 
-def lstm(inp: int, hidden: int, forget_bias: float | None = None) -> RNNNet:
+def lstm(
+    inp: int, hidden: int, forget_bias: float | None = None, every_step: bool = False
+) -> RNNNet:
     cell = nn.LSTM(inp, hidden, batch_first=True)
     if forget_bias is not None:
         h = hidden
         with torch.no_grad():
             for b in (cell.bias_ih_l0, cell.bias_hh_l0):
                 b[h : 2 * h].fill_(forget_bias / 2)
-    return RNNNet(cell, hidden)
+    return RNNNet(cell, hidden, every_step)
 
 
 class LogNet(nn.Module):
@@ -540,6 +546,14 @@ def setups() -> list[Setup]:
             data="pixels",
         ),
         S(
+            "lstm_forget_bias-4_every_step_T64",
+            lambda: lstm(1, 32, -4.0, every_step=True),
+            adam(3e-3),
+            {"vanishing_in_time"},
+            data="pixels",
+            note="a loss at every step, but the forget gate is shut (0.02)",
+        ),
+        S(
             "rnn_relu_2orth_T32",
             lambda: rnn(2, 64, "relu", 2.0),
             sgd(1e-4),
@@ -608,6 +622,14 @@ def setups() -> list[Setup]:
             adam(3e-3),
             set(),
             data="rows",
+        ),
+        S(
+            "lstm_default_every_step_T64",
+            lambda: lstm(1, 32, every_step=True),
+            adam(3e-3),
+            set(),
+            data="pixels",
+            note="a loss at every step (like a language model), forget gate at 0.5",
         ),
         S("rnn_tanh_orth_rows", lambda: rnn(8, 64, "tanh", 1.0), sgd(0.05), set(), data="rows"),
     ]

@@ -165,6 +165,34 @@ def test_lstm_default_init_vanishes_and_leads_with_forget_bias():
     assert profile == rows[-1]["recurrent"]["rnn"]["dh_norm"] and len(profile) == 100
 
 
+class EveryStep(Last):
+    """A head on every step's output: the loss reaches every step, as a language model's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+def test_default_lstm_with_a_loss_at_every_step_is_healthy():
+    model = EveryStep(nn.LSTM(8, 32))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradmedic.watch(model, opt, recurrent=True) as mon:
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(60, 16, 8)).pow(2).mean().backward()
+            opt.step()
+        diagnosis = mon.diagnose()
+        rec = mon.history.rows()[-1]["recurrent"]["rnn"]
+    # the last step's own gradient does die out within the sequence ...
+    last = log_gain(processing_order(rec["dh_norm_last"], "l0"))
+    assert last is not None and last**59 < 1e-6
+    # ... but every step gets its own loss, and the forget gate (0.5) can still learn
+    whole = log_gain(processing_order(rec["dh_norm"], "l0"))
+    assert whole is not None and whole**59 > 1e-3
+    assert 0.4 < np.mean(rec["forget_gate_mean"]) < 0.6
+    assert in_time(diagnosis) == []
+
+
 # ---- hand-made profiles: the thresholds' reasoning, not a fit to the models above
 
 
@@ -273,6 +301,28 @@ def test_isolated_profile_is_preferred_and_json_rows_work():
     (f,) = detect_vanishing(rows, CONFIG)
     assert f.evidence["profile_source"] == "dh_norm_last"
     assert time_profiles(rows) == {"m": flat}
+
+
+def lstm_row(whole, forget_gate):
+    """An LSTM record whose last step's gradient falls to 1e-8 over 30 steps."""
+    r = row(whole)
+    for entry in (r["recurrent"]["m"], r["recurrent"]["m"]["streams"]["l0"]):
+        entry.update(kind="lstm", dh_norm_last=geometric(1e-8, 30))
+        entry["forget_gate_mean"] = [forget_gate] * 30
+    return r
+
+
+def test_a_learnable_gate_is_never_critical_and_every_step_losses_clear_it():
+    # the loss reaches every step and the forget gate is PyTorch's 0.5: trained, not a finding
+    assert detect_vanishing([lstm_row([1.0] * 30, 0.5)], CONFIG) == []
+    # the same gate, a loss at the last step only: the memory is short, the gate can learn
+    (f,) = detect_vanishing([lstm_row(geometric(1e-8, 30), 0.5)], CONFIG)
+    assert f.severity is Severity.WARNING and f.evidence["whole_loss_fades"] is True
+    assert "still open" in f.explanation
+    # a gate shut at 0.02 (forget bias -4): critical, whether or not every step has a loss
+    for whole in ([1.0] * 30, geometric(1e-8, 30)):
+        (f,) = detect_vanishing([lstm_row(whole, 0.02)], CONFIG)
+        assert f.severity is Severity.CRITICAL and f.remedies[0].name == "forget_bias"
 
 
 def test_window_averages_geometrically():

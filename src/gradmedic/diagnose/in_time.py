@@ -59,6 +59,10 @@ class TimeFit:
         gates: Gate statistics averaged over time (``forget_gate_mean`` ...).
         extra: Other per-step profiles of the stream (``dc_norm``, gate profiles).
         step: Step of the latest row used.
+        whole_fades: For a profile of the last step's gradient (``dh_norm_last``),
+            whether the whole loss's ``||dL/dh_t||`` (``dh_norm``) fades too: False
+            when a loss at every step (a language model) feeds every step directly;
+            None for a ``dh_norm`` profile.
     """
 
     module: str
@@ -78,6 +82,7 @@ class TimeFit:
     gates: dict[str, float] = field(default_factory=dict)
     extra: dict[str, list[float]] = field(default_factory=dict)
     step: int | None = None
+    whole_fades: bool | None = None
 
     @property
     def gamma(self) -> float | None:
@@ -100,6 +105,7 @@ class TimeFit:
             "stream": self.stream,
             "profile_source": self.source,
             "profile": list(self.profile),
+            "whole_loss_fades": self.whole_fades,
             "streams": dict(streams),
             **self.gates,
             **self.extra,
@@ -202,6 +208,13 @@ def fit_stream(
         return None
     latest = entries[-1]
     steps = len(profile)
+    whole_fades = None
+    if source == "dh_norm_last" and all(e.get("dh_norm") for e in entries):
+        whole = processing_order(_geomean([e["dh_norm"] for e in entries]), stream)
+        whole_gain = log_gain(whole)
+        whole_fades = horizon(whole, vanish_ratio) is not None or (
+            whole_gain is not None and _power(whole_gain, steps - 1) < vanish_ratio
+        )
     extra = {}
     dc_key = "dc_norm_last" if source == "dh_norm_last" else "dc_norm"
     if all(e.get(dc_key) for e in entries):
@@ -231,6 +244,7 @@ def fit_stream(
         gates=gates,
         extra=extra,
         step=step,
+        whole_fades=whole_fades,
     )
 
 

@@ -8,6 +8,13 @@ the horizon then move the weights less than a thousandth as much as the last
 ones: the network cannot learn dependencies that long. Critical beyond
 ``severe_gain_decades`` (1e-6): below float32's resolution (1.2e-7) relative to the
 recent steps' terms, the far past does not register in the summed weight gradient.
+
+A gated cell (LSTM, GRU) sets its decay with a learnable gate: while the gate is
+open at least :data:`GATE_LEARNS` (PyTorch's init leaves it at sigmoid(0) = 0.5) its
+bias can still learn a longer memory. Such a cell is never critical, and it is
+not a finding at all when a loss at every step feeds every step directly (the
+whole loss's ``||dL/dh_t||`` does not fade: a language model), which is how
+PyTorch's own word-language-model example trains.
 """
 
 from __future__ import annotations
@@ -24,6 +31,26 @@ from gradmedic.diagnose.registry import register
 from gradmedic.diagnose.setup import setup_of, tailored
 from gradmedic.findings import Finding, Problem, Remedy, Severity
 from gradmedic.remedies import catalog
+
+#: A gate mean (LSTM forget gate, GRU update gate) at or above this is in its learnable range.
+GATE_LEARNS = 0.25
+_GATE = {"lstm": "forget_gate_mean", "gru": "update_gate_mean"}
+
+
+def gate_learns(fit: TimeFit) -> bool:
+    """Whether ``fit`` is a gated cell whose keep-gate is still open enough to learn."""
+    key = _GATE.get(fit.kind)
+    value = fit.gates.get(key) if key else None
+    return value is not None and value >= GATE_LEARNS
+
+
+def fades(fit: TimeFit, limit: float) -> bool:
+    """Whether the gradient dies out within the sequence, and a learnable gate cannot help.
+
+    A gated cell with a learnable gate whose every step gets its own loss
+    (``whole_fades`` False) is trained at every step: not a finding.
+    """
+    return vanishes(fit, limit) and not (gate_learns(fit) and fit.whole_fades is False)
 
 
 def forget_bias_for(seq_len: int, limit: float) -> float:
@@ -148,6 +175,11 @@ def explain(fit: TimeFit, limit: float) -> str:
             if z is not None
             else "."
         )
+    if gate_learns(fit):
+        text += (
+            f" The gate is still open (mean >= {GATE_LEARNS:g}), so its bias can learn a "
+            "longer memory if the task rewards one; the bias below starts it there."
+        )
     return text
 
 
@@ -164,23 +196,27 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     for module, series, alone in module_series(rows, config):
         points = []
         for p in series:
-            bad = any(vanishes(f, limit) for f in p.fits)
+            bad = any(fades(f, limit) for f in p.fits)
             own = alone.get(p.index, p)
             value = min(f.total_gain for f in own.fits)
             points.append(Point(p.index, p.step, bad, value))
         ep = episode(points, smaller, "total_gain")
         if ep is None:
             continue
-        last = next(p for p in reversed(series) if any(vanishes(f, limit) for f in p.fits))
+        last = next(p for p in reversed(series) if any(fades(f, limit) for f in p.fits))
         fits = list(last.fits)
-        worst = min((f for f in fits if vanishes(f, limit)), key=lambda f: f.total_gain)
+        worst = min((f for f in fits if fades(f, limit)), key=lambda f: f.total_gain)
         peak = ep.peak_value if ep.peak_value is not None else worst.total_gain
         evidence = worst.evidence({f.stream: f.per_step_gain for f in fits})
         evidence["peak_total_gain"] = peak
         findings.append(
             Finding(
                 problem=Problem.VANISHING_IN_TIME,
-                severity=Severity.CRITICAL if peak < severe else Severity.WARNING,
+                severity=(
+                    Severity.CRITICAL
+                    if peak < severe and not gate_learns(worst)
+                    else Severity.WARNING
+                ),
                 layers=[module],
                 evidence=evidence,
                 explanation=explain(worst, limit),
