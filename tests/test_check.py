@@ -239,3 +239,24 @@ def test_model_context_gives_each_layers_own_elements_and_fan_in() -> None:
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Conv2d(4, 3, 5))
     sizes = model_context(model, ["0", "2"])["layer_size"]
     assert sizes == {"0": (6 * 4 + 4, 6), "2": (3 * 4 * 5 * 5 + 3, 4 * 5 * 5)}
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+
+
+def test_fan_in_follows_the_weight_layout_and_embeddings_have_none() -> None:
+    model = nn.Sequential(nn.Embedding(50, 8), Conv1D(32, 8), nn.Linear(32, 4))
+    context = model_context(model, ["0", "1", "2"])
+    assert context["layer_size"] == {"1": (8 * 32 + 32, 8), "2": (32 * 4 + 4, 32)}
+    w = model[1].weight.detach()
+    assert context["weight_scale"]["1"] == pytest.approx(float(w.std()) * math.sqrt(8))
+    assert "0" not in context["weight_scale"]

@@ -76,6 +76,22 @@ def _is_residual(module: nn.Module) -> bool:
     return bool(_RESIDUAL_SOURCE.search(source))
 
 
+def fan_in_of(module: nn.Module | None, weight: Any) -> int | None:
+    """Inputs summed into one output of ``module``'s ``weight`` (None: not a matmul weight).
+
+    PyTorch's layout ``(out, in, *kernel)`` gives ``in * prod(kernel)``; Hugging Face's
+    ``Conv1D`` (GPT-2) stores ``(in, out)``. An embedding is a lookup, not a sum over
+    inputs: it has no fan-in, and its init scale is judged by no ``sqrt(fan_in)`` rule.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return None
+    if type(module).__name__ == "Conv1D" and weight.dim() == 2:
+        return int(weight.shape[0])
+    return int(weight[0].numel())
+
+
 def model_context(
     model: nn.Module,
     layers: Sequence[str],
@@ -119,12 +135,13 @@ def model_context(
     scales: dict[str, float] = {}
     sizes: dict[str, tuple[int, int]] = {}
     for name in layers:
-        weight = getattr(modules.get(name), "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.numel() > 1:
-            w = weight.detach().float()
-            scales[name] = float(w.std() * math.sqrt(w[0].numel()))
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        fan_in = fan_in_of(module, weight)
+        if fan_in is not None and isinstance(weight, torch.Tensor) and weight.numel() > 1:
+            scales[name] = float(weight.detach().float().std() * math.sqrt(fan_in))
             numel = sum(p.numel() for p in modules[name].parameters(recurse=False))
-            sizes[name] = (numel, w[0].numel())
+            sizes[name] = (numel, fan_in)
     out: dict[str, Any] = {
         "activations": acts,
         "weight_scale": scales,
