@@ -17,6 +17,7 @@ from torch import nn
 import gradmedic
 from gradmedic.history import load_history
 from gradmedic.probes.base import Probe
+from gradmedic.report.summary import summary_text
 
 
 def mlp(depth: int = 30, width: int = 16, act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
@@ -554,3 +555,26 @@ def test_an_optimizer_of_another_model_is_warned_about_once_at_watch() -> None:
         gradmedic.watch(model, torch.optim.SGD([model.weight], lr=0.1)).close()
         extra = torch.nn.Parameter(torch.ones(1))
         gradmedic.watch(model, torch.optim.SGD([*model.parameters(), extra], lr=0.1)).close()
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_records_without_any_backward_are_not_healthy(with_optimizer: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if with_optimizer else None
+    with gradmedic.watch(model, opt) as mon:
+        for _ in range(5):
+            model(torch.randn(4, 8)).pow(2).mean()  # the loss, and no loss.backward()
+            opt.step() if opt is not None else mon.step()
+        assert len(mon.history.rows()) == 5
+        d = mon.diagnose()
+    assert d.status == "nothing_checked" and not d.healthy
+    at = "optimizer.step()" if with_optimizer else "monitor.step()"
+    assert f"call loss.backward() before {at}" in d.warnings[0]
+    first = summary_text(d).splitlines()[0]
+    assert first.startswith("gradmedic: nothing diagnosed: 5 record(s)") and at in first
+    # one backward is enough to be diagnosed again
+    with gradmedic.watch(model, opt) as mon:
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step() if opt is not None else mon.step()
+        assert mon.diagnose().status == "healthy"

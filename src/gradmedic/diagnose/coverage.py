@@ -36,6 +36,20 @@ def key_counts(rows: Rows) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+#: Record keys that only a backward pass fills.
+_GRADIENT_KEYS = ("grad_norm", "global_grad_norm", "delta_norm", "recurrent")
+_NO_GRADIENT = (
+    "no record holds a gradient: no backward pass reached a monitored parameter or layer "
+    "before any record"
+)
+
+
+def _gradients_expected(context: Mapping[str, Any]) -> bool:
+    """Whether the rows come from a live monitor that reads gradients at every record."""
+    found = context.get("monitor")
+    return isinstance(found, Mapping) and "gradients" in (found.get("probes") or ())
+
+
 def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
     """The :class:`~gradmedic.findings.Coverage` of ``rows``."""
     keys = key_counts(rows)
@@ -70,6 +84,8 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
     layers = context.get("layers")
     if layers is not None and not list(layers):
         not_checked = {p.value: "the model has no monitored layer" for p in NEEDS}
+    elif rows and _gradients_expected(context) and not any(keys.get(k) for k in _GRADIENT_KEYS):
+        not_checked = {p.value: _NO_GRADIENT for p in NEEDS}
     checked = tuple(p.value for p in NEEDS if p.value not in not_checked) if rows else ()
     return Coverage(
         checked=checked,
@@ -139,6 +155,13 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             "Nothing to diagnose: no step was recorded. Without an optimizer the monitor "
             "records at monitor.step(): call it after each loss.backward(); with one, records "
             "are taken at optimizer.step() (was it called under the monitor?)."
+        ]
+    if cov.checked is not None and not cov.checked and _NO_GRADIENT in cov.not_checked.values():
+        at = "monitor.step()" if monitor.get("optimizer") is False else "optimizer.step()"
+        return [
+            f"Nothing to diagnose: {cov.steps} record(s), and at none of them did a monitored "
+            f"parameter have a gradient: call loss.backward() before {at} (an update or a "
+            "forward pass alone has nothing to measure)."
         ]
     if cov.checked is not None and not cov.checked:
         return [

@@ -92,6 +92,9 @@ def _status(d: Diagnosis) -> str:
             why[len(_NOTHING) :] if why else "no step was recorded"
         )
     if d.status == "nothing_checked":
+        why = next((n for n in d.warnings if n.startswith(_NOTHING)), None)
+        if why:
+            return "gradmedic: nothing diagnosed: " + why[len(_NOTHING) :]
         return f"gradmedic: nothing diagnosed: the records hold no evidence any check reads{span}"
     if d.healthy:
         return f"gradmedic: healthy, no gradient problem found{span}"
