@@ -578,3 +578,52 @@ def test_records_without_any_backward_are_not_healthy(with_optimizer: bool) -> N
         model(torch.randn(4, 8)).pow(2).mean().backward()
         opt.step() if opt is not None else mon.step()
         assert mon.diagnose().status == "healthy"
+
+
+class _Checkpointed(nn.Module):
+    """Six checkpointed blocks and a head; ``unused`` adds a head the loss never reads."""
+
+    def __init__(self, reentrant: bool, unused: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(6))
+        self.head = nn.Linear(8, 1)
+        self.pooler = nn.Linear(8, 8) if unused else None
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=self.reentrant)
+        if self.pooler is not None:
+            self.pooler(x)  # runs, but its output never reaches the loss (like BERT's pooler)
+        return self.head(x)
+
+
+def test_a_model_mostly_cut_off_from_its_loss_is_not_healthy() -> None:
+    def run(reentrant: bool, unused: bool = False) -> gradmedic.Diagnosis:
+        torch.manual_seed(0)
+        model = _Checkpointed(reentrant, unused)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gradmedic.watch(model, opt) as mon, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own "None of the inputs have requires_grad"
+            for _ in range(4):
+                opt.zero_grad()
+                model(torch.randn(4, 8)).pow(2).mean().backward()
+                opt.step()
+            # torch itself: the reentrant checkpoint left every block without a gradient
+            no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+            return mon.diagnose(), no_grad
+
+    cut, no_grad = run(reentrant=True)
+    assert sorted({n.rsplit(".", 1)[0] for n in no_grad}) == [f"blocks.{i}" for i in range(6)]
+    assert cut.status == "not_reached" and not cut.healthy
+    assert list(cut.coverage.unreached) == [f"blocks.{i}" for i in range(6)]
+    assert cut.warnings[0].startswith("6 of 7 monitored layers never received a gradient")
+    assert "use_reentrant=False" in cut.warnings[0]
+    assert summary_text(cut).splitlines()[1].startswith("! 6 of 7")
+    assert cut.to_dict()["coverage"]["unreached"] == [f"blocks.{i}" for i in range(6)]
+    fine, no_grad = run(reentrant=False)
+    assert no_grad == [] and fine.healthy
+    pooled, no_grad = run(reentrant=False, unused=True)  # 1 of 8 layers unused: normal
+    assert no_grad == ["pooler.weight", "pooler.bias"] and pooled.healthy

@@ -135,6 +135,8 @@ class Coverage:
         not_checked: Problem -> why it was not checked (a record key missing).
         notes: What the detectors set aside, and why (e.g. zero-initialized layers).
         checked: The problems whose evidence was recorded (None: unknown).
+        unreached: Monitored layers no record holds a gradient for, when they are half
+            of the layers or more (a model mostly cut off from its loss); else empty.
     """
 
     steps: int = 0
@@ -145,6 +147,7 @@ class Coverage:
     not_checked: Mapping[str, str] = field(default_factory=dict)
     notes: Sequence[str] = ()
     checked: Sequence[str] | None = None
+    unreached: Sequence[str] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for JSON."""
@@ -157,6 +160,7 @@ class Coverage:
             "keys": dict(self.keys),
             "not_checked": dict(self.not_checked),
             "notes": list(self.notes),
+            "unreached": list(self.unreached),
         }
 
 
@@ -237,7 +241,9 @@ class Diagnosis:
         """``"healthy"``, ``"findings"``, or why nothing could be diagnosed.
 
         ``"no_records"``: no step was recorded; ``"nothing_checked"``: records
-        exist but none holds what any detector reads. Neither is healthy.
+        exist but none holds what any detector reads; ``"not_reached"``: half of the
+        monitored layers or more never received a gradient (``coverage.unreached``).
+        None of these is healthy.
         """
         if self.findings:
             return "findings"
@@ -247,6 +253,8 @@ class Diagnosis:
                 return "no_records"
             if cov.checked is not None and not cov.checked:
                 return "nothing_checked"
+            if cov.unreached:
+                return "not_reached"
         return "healthy"
 
     @property

@@ -82,7 +82,8 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
         notes.append(f"The run clips the global gradient norm at {clip:.3g}.")
     steps = [row_step(r, i) for i, r in enumerate(rows)]
     layers = context.get("layers")
-    if layers is not None and not list(layers):
+    no_layers = layers is not None and not list(layers)
+    if no_layers:
         not_checked = {p.value: "the model has no monitored layer" for p in NEEDS}
     elif rows and _gradients_expected(context) and not any(keys.get(k) for k in _GRADIENT_KEYS):
         not_checked = {p.value: _NO_GRADIENT for p in NEEDS}
@@ -96,6 +97,7 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
         keys=keys,
         not_checked=not_checked,
         notes=tuple(notes),
+        unreached=_unreached(rows, layers, keys) if not no_layers else (),
     )
 
 
@@ -103,6 +105,37 @@ _RECORDS_AT_STEP = (
     "This monitor has no optimizer, so it records at monitor.step(): call "
     "monitor.step(loss=loss) after each loss.backward() (or pass the optimizer to watch())."
 )
+
+
+#: Records before layers that never got a gradient are called out (a run, not one step).
+_UNREACHED_RECORDS = 3
+
+
+def _unreached(rows: Rows, layers: Any, keys: Mapping[str, int]) -> tuple[str, ...]:
+    """Monitored layers no record holds a gradient for, if half of the layers or more.
+
+    A layer is monitored because a parameter of it requires grad; one that none of the
+    records holds a gradient for is cut off from the loss. An unused head (a pooler) is
+    normal, so only a model mostly cut off is called out.
+    """
+    if layers is None or len(rows) < _UNREACHED_RECORDS or not keys.get("grad_norm"):
+        return ()
+    names = list(layers)
+    reached = {name for row in rows for name in row.get("grad_norm") or ()}
+    missing = tuple(n for n in names if n not in reached)
+    return missing if 2 * len(missing) >= len(names) else ()
+
+
+def _never_reached(cov: Coverage, layers: Any) -> str:
+    missing = list(cov.unreached)
+    shown = ", ".join(missing if len(missing) <= 4 else [*missing[:3], "...", missing[-1]])
+    return (
+        f"{len(missing)} of {len(list(layers))} monitored layers never received a gradient in "
+        f"{cov.steps} records ({shown}): their parameters require grad, but no backward pass "
+        "reached them, so they do not train. Look for a .detach() or torch.no_grad() in the "
+        "forward, torch.utils.checkpoint(use_reentrant=True) on inputs that do not require "
+        "grad (pass use_reentrant=False), or modules whose outputs the loss does not use."
+    )
 
 
 def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
@@ -156,6 +189,8 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             "records at monitor.step(): call it after each loss.backward(); with one, records "
             "are taken at optimizer.step() (was it called under the monitor?)."
         ]
+    if cov.unreached:
+        return [_never_reached(cov, layers)]
     if cov.checked is not None and not cov.checked and _NO_GRADIENT in cov.not_checked.values():
         at = "monitor.step()" if monitor.get("optimizer") is False else "optimizer.step()"
         return [

@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # only read here: findings.py calls this module without an im
 
 
 def summary_text(diagnosis: Diagnosis) -> str:
-    """Status line, then two lines per finding (what and where; the first remedy)."""
+    """Status line, the diagnosis' own warnings, then two lines per finding (what, where; a fix)."""
     lines = [_status(diagnosis)]
+    lines.extend(f"! {w}" for w in diagnosis.warnings if not w.startswith(_NOTHING))
     for f in diagnosis.findings:
         lines.append(f"- {finding_line(f)}")
         if f.remedies:
@@ -90,6 +91,11 @@ def _status(d: Diagnosis) -> str:
         why = next((n for n in d.warnings if n.startswith(_NOTHING)), None)
         return "gradmedic: nothing diagnosed: " + (
             why[len(_NOTHING) :] if why else "no step was recorded"
+        )
+    if d.status == "not_reached" and cov is not None:
+        return (
+            f"gradmedic: not healthy: {len(cov.unreached)} monitored layer(s) never "
+            f"received a gradient{span}"
         )
     if d.status == "nothing_checked":
         why = next((n for n in d.warnings if n.startswith(_NOTHING)), None)
