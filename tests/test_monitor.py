@@ -573,7 +573,7 @@ def test_records_without_any_backward_are_not_healthy(with_optimizer: bool) -> N
     assert f"call loss.backward() before {at}" in d.warnings[0]
     first = summary_text(d).splitlines()[0]
     assert first.startswith("gradmedic: nothing diagnosed: 5 record(s)") and at in first
-    # one backward is enough to be diagnosed again
+    # one backward is enough to be diagnosed again (before the cut-off status, see below)
     with gradmedic.watch(model, opt) as mon:
         model(torch.randn(4, 8)).pow(2).mean().backward()
         opt.step() if opt is not None else mon.step()
@@ -627,3 +627,38 @@ def test_a_model_mostly_cut_off_from_its_loss_is_not_healthy() -> None:
     assert no_grad == [] and fine.healthy
     pooled, no_grad = run(reentrant=False, unused=True)  # 1 of 8 layers unused: normal
     assert no_grad == ["pooler.weight", "pooler.bias"] and pooled.healthy
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradients_cleared_between_backward_and_step_are_not_healthy(set_to_none: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with gradmedic.watch(model, opt) as mon:
+        for _ in range(5):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.zero_grad(set_to_none=set_to_none)  # the bug: cleared before the step
+            opt.step()
+        d = mon.diagnose()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert d.status == "nothing_checked"
+    assert "zero_grad() called between loss.backward() and optimizer.step()" in d.warnings[0]
+
+
+def test_a_functional_loop_without_grad_attributes_is_diagnosed_from_its_deltas() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    with gradmedic.watch(model) as mon:
+        for _ in range(5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            grads = torch.autograd.grad(loss, list(model.parameters()))  # no .grad is set
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p -= 0.1 * g
+            mon.step(loss=loss)
+        rows = mon.history.rows()
+        d = mon.diagnose()
+    assert all(p.grad is None for p in model.parameters())
+    assert all("grad_norm" not in r and r["delta_norm"] for r in rows)
+    assert d.status == "healthy" and "vanishing" in d.coverage.checked

@@ -36,12 +36,35 @@ def key_counts(rows: Rows) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-#: Record keys that only a backward pass fills.
-_GRADIENT_KEYS = ("grad_norm", "global_grad_norm", "delta_norm", "recurrent")
+#: Record keys of the backward pass through the layers.
+_BACKWARD_KEYS = ("delta_norm", "recurrent")
 _NO_GRADIENT = (
     "no record holds a gradient: no backward pass reached a monitored parameter or layer "
     "before any record"
 )
+_GRADIENT_CLEARED = "no parameter held a nonzero gradient at any record"
+
+
+def _no_gradient(rows: Rows, keys: Mapping[str, int]) -> str | None:
+    """Why the records hold no gradient to diagnose (None: they hold one).
+
+    Every gradient exactly 0 at every record, or none at all while parameters did
+    not change, is a loop that clears the gradients before the step (``zero_grad()``
+    between backward and step). Layer deltas without weight gradients while
+    parameters change are a functional loop (``torch.autograd.grad`` and a
+    hand-written update): diagnosed from the deltas.
+    """
+    norms = [_num(v) for r in rows for v in (r.get("grad_norm") or {}).values()]
+    if norms:
+        return _GRADIENT_CLEARED if all(v == 0.0 for v in norms) else None
+    if keys.get("global_grad_norm"):
+        return None
+    if not any(keys.get(k) for k in _BACKWARD_KEYS):
+        return _NO_GRADIENT
+    ratios = [_num(v) for r in rows for v in (r.get("update_ratio") or {}).values()]
+    if ratios and all(v == 0.0 for v in ratios):
+        return _GRADIENT_CLEARED
+    return None
 
 
 def _gradients_expected(context: Mapping[str, Any]) -> bool:
@@ -85,8 +108,8 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
     no_layers = layers is not None and not list(layers)
     if no_layers:
         not_checked = {p.value: "the model has no monitored layer" for p in NEEDS}
-    elif rows and _gradients_expected(context) and not any(keys.get(k) for k in _GRADIENT_KEYS):
-        not_checked = {p.value: _NO_GRADIENT for p in NEEDS}
+    elif rows and _gradients_expected(context) and (why := _no_gradient(rows, keys)):
+        not_checked = {p.value: why for p in NEEDS}
     checked = tuple(p.value for p in NEEDS if p.value not in not_checked) if rows else ()
     return Coverage(
         checked=checked,
@@ -191,8 +214,16 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
         ]
     if cov.unreached:
         return [_never_reached(cov, layers)]
-    if cov.checked is not None and not cov.checked and _NO_GRADIENT in cov.not_checked.values():
+    why = set(cov.not_checked.values())
+    if cov.checked is not None and not cov.checked and why & {_NO_GRADIENT, _GRADIENT_CLEARED}:
         at = "monitor.step()" if monitor.get("optimizer") is False else "optimizer.step()"
+        if _GRADIENT_CLEARED in why:
+            return [
+                f"Nothing to diagnose: backward passes ran, but at none of the {cov.steps} "
+                f"record(s) did a monitored parameter hold a nonzero gradient: is "
+                f"zero_grad() called between loss.backward() and {at}? Call it before "
+                "loss.backward()."
+            ]
         return [
             f"Nothing to diagnose: {cov.steps} record(s), and at none of them did a monitored "
             f"parameter have a gradient: call loss.backward() before {at} (an update or a "
