@@ -312,13 +312,13 @@ def lstm_row(whole, forget_gate):
     return r
 
 
-def test_a_learnable_gate_is_never_critical_and_every_step_losses_clear_it():
+def test_a_loss_at_every_step_clears_a_learnable_gate_only():
     # the loss reaches every step and the forget gate is PyTorch's 0.5: trained, not a finding
     assert detect_vanishing([lstm_row([1.0] * 30, 0.5)], CONFIG) == []
-    # the same gate, a loss at the last step only: the memory is short, the gate can learn
+    # the same gate, a loss at the last step only: the first step's share is 1e-8
     (f,) = detect_vanishing([lstm_row(geometric(1e-8, 30), 0.5)], CONFIG)
-    assert f.severity is Severity.WARNING and f.evidence["whole_loss_fades"] is True
-    assert "still open" in f.explanation
+    assert f.severity is Severity.CRITICAL and f.evidence["whole_loss_fades"] is True
+    assert "still open" in f.explanation and "forget bias below" in f.explanation
     # a gate shut at 0.02 (forget bias -4): critical, whether or not every step has a loss
     for whole in ([1.0] * 30, geometric(1e-8, 30)):
         (f,) = detect_vanishing([lstm_row(whole, 0.02)], CONFIG)

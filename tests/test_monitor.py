@@ -17,6 +17,7 @@ from torch import nn
 import gradmedic
 from gradmedic.history import load_history
 from gradmedic.probes.base import Probe
+from gradmedic.report.run_report import findings_html
 from gradmedic.report.summary import summary_text
 
 
@@ -619,7 +620,7 @@ def test_a_model_mostly_cut_off_from_its_loss_is_not_healthy() -> None:
     assert sorted({n.rsplit(".", 1)[0] for n in no_grad}) == [f"blocks.{i}" for i in range(6)]
     assert cut.status == "not_reached" and not cut.healthy
     assert list(cut.coverage.unreached) == [f"blocks.{i}" for i in range(6)]
-    assert cut.warnings[0].startswith("6 of 7 monitored layers never received a gradient")
+    assert cut.warnings[0].startswith("6 of 7 trainable layers never received a gradient")
     assert "use_reentrant=False" in cut.warnings[0]
     assert summary_text(cut).splitlines()[1].startswith("! 6 of 7")
     assert cut.to_dict()["coverage"]["unreached"] == [f"blocks.{i}" for i in range(6)]
@@ -627,6 +628,27 @@ def test_a_model_mostly_cut_off_from_its_loss_is_not_healthy() -> None:
     assert no_grad == [] and fine.healthy
     pooled, no_grad = run(reentrant=False, unused=True)  # 1 of 8 layers unused: normal
     assert no_grad == ["pooler.weight", "pooler.bias"] and pooled.healthy
+    assert "not healthy" in findings_html(cut) and "use_reentrant=False" in findings_html(cut)
+    assert "use_reentrant=False" in cut._repr_html_()
+
+
+def test_frozen_layers_and_sampled_records_are_not_called_cut_off() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(5)], nn.Linear(8, 1))
+    for layer in model[:5]:
+        layer.requires_grad_(False)  # a linear probe on a frozen backbone
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradmedic.watch(model, opt) as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+        assert [n for n, p in model.named_parameters() if p.grad is not None] == [
+            "5.weight",
+            "5.bias",
+        ]
+        d = mon.diagnose()
+    assert d.status == "healthy" and not d.coverage.unreached
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])

@@ -135,8 +135,8 @@ class Coverage:
         not_checked: Problem -> why it was not checked (a record key missing).
         notes: What the detectors set aside, and why (e.g. zero-initialized layers).
         checked: The problems whose evidence was recorded (None: unknown).
-        unreached: Monitored layers no record holds a gradient for, when they are half
-            of the layers or more (a model mostly cut off from its loss); else empty.
+        unreached: Trainable layers no record holds a gradient for, when they are more
+            than half of them (a model mostly cut off from its loss); else empty.
     """
 
     steps: int = 0
@@ -241,8 +241,8 @@ class Diagnosis:
         """``"healthy"``, ``"findings"``, or why nothing could be diagnosed.
 
         ``"no_records"``: no step was recorded; ``"nothing_checked"``: records
-        exist but none holds what any detector reads; ``"not_reached"``: half of the
-        monitored layers or more never received a gradient (``coverage.unreached``).
+        exist but none holds what any detector reads; ``"not_reached"``: more than half of
+        the trainable layers never received a gradient (``coverage.unreached``).
         None of these is healthy.
         """
         if self.findings:

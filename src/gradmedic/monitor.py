@@ -305,6 +305,11 @@ class Monitor:
         context = model_context(self.model, self.layers, self.forward_order)
         context["optimizer"] = optimizer_facts(self.optimizer)
         context["monitor"] = self.coverage()
+        context["trainable_layers"] = [
+            layer.name
+            for layer in self.index.layers
+            if any(p.requires_grad for _, p in layer.params)
+        ]
         return diagnose_rows(self.history.rows(), config, layers=self.layers, context=context)
 
     def coverage(self) -> dict[str, Any]:

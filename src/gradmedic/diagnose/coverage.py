@@ -120,7 +120,7 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
         keys=keys,
         not_checked=not_checked,
         notes=tuple(notes),
-        unreached=_unreached(rows, layers, keys) if not no_layers else (),
+        unreached=_unreached(rows, context, keys) if not no_layers else (),
     )
 
 
@@ -134,26 +134,32 @@ _RECORDS_AT_STEP = (
 _UNREACHED_RECORDS = 3
 
 
-def _unreached(rows: Rows, layers: Any, keys: Mapping[str, int]) -> tuple[str, ...]:
-    """Monitored layers no record holds a gradient for, if half of the layers or more.
+def _unreached(rows: Rows, context: Mapping[str, Any], keys: Mapping[str, int]) -> tuple[str, ...]:
+    """Trainable layers no record holds a gradient for, if more than half of them.
 
-    A layer is monitored because a parameter of it requires grad; one that none of the
-    records holds a gradient for is cut off from the loss. An unused head (a pooler) is
-    normal, so only a model mostly cut off is called out.
+    Judged only from a live monitor's context (``context["trainable_layers"]``: layers
+    with a parameter that requires grad now, so frozen ones are left out) whose
+    records are every step it saw (no ``every`` schedule, no record dropped from the
+    history), after a few records: one such layer is cut off from the loss. An unused
+    head (a pooler) is normal, so only a model mostly cut off is called out.
     """
-    if layers is None or len(rows) < _UNREACHED_RECORDS or not keys.get("grad_norm"):
+    names = context.get("trainable_layers")
+    found = context.get("monitor")
+    monitor: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    whole = monitor.get("steps_seen") == monitor.get("records") == len(rows)
+    if not names or not whole or len(rows) < _UNREACHED_RECORDS or not keys.get("grad_norm"):
         return ()
-    names = list(layers)
     reached = {name for row in rows for name in row.get("grad_norm") or ()}
     missing = tuple(n for n in names if n not in reached)
-    return missing if 2 * len(missing) >= len(names) else ()
+    return missing if 2 * len(missing) > len(names) else ()
 
 
-def _never_reached(cov: Coverage, layers: Any) -> str:
+def _never_reached(cov: Coverage, context: Mapping[str, Any]) -> str:
     missing = list(cov.unreached)
     shown = ", ".join(missing if len(missing) <= 4 else [*missing[:3], "...", missing[-1]])
+    total = len(context.get("trainable_layers") or missing)
     return (
-        f"{len(missing)} of {len(list(layers))} monitored layers never received a gradient in "
+        f"{len(missing)} of {total} trainable layers never received a gradient in "
         f"{cov.steps} records ({shown}): their parameters require grad, but no backward pass "
         "reached them, so they do not train. Look for a .detach() or torch.no_grad() in the "
         "forward, torch.utils.checkpoint(use_reentrant=True) on inputs that do not require "
@@ -162,7 +168,7 @@ def _never_reached(cov: Coverage, layers: Any) -> str:
 
 
 def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
-    """Sentences naming why nothing could be diagnosed (empty when something was).
+    """Sentences about the diagnosis itself: why nothing could be, or what it could not reach.
 
     Uses what the context knows: the monitored layers (``context["layers"]``),
     the optimizer (``context["optimizer"]``, None for a loop without one) and the
@@ -213,7 +219,7 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             "are taken at optimizer.step() (was it called under the monitor?)."
         ]
     if cov.unreached:
-        return [_never_reached(cov, layers)]
+        return [_never_reached(cov, context)]
     why = set(cov.not_checked.values())
     if cov.checked is not None and not cov.checked and why & {_NO_GRADIENT, _GRADIENT_CLEARED}:
         at = "monitor.step()" if monitor.get("optimizer") is False else "optimizer.step()"

@@ -11,10 +11,10 @@ recent steps' terms, the far past does not register in the summed weight gradien
 
 A gated cell (LSTM, GRU) sets its decay with a learnable gate: while the gate is
 open at least :data:`GATE_LEARNS` (PyTorch's init leaves it at sigmoid(0) = 0.5) its
-bias can still learn a longer memory. Such a cell is never critical, and it is
-not a finding at all when a loss at every step feeds every step directly (the
-whole loss's ``||dL/dh_t||`` does not fade: a language model), which is how
-PyTorch's own word-language-model example trains.
+bias can still learn a longer memory. Such a cell is not a finding when a loss
+at every step feeds every step directly (the whole loss's ``||dL/dh_t||`` does not
+fade: a language model), which is how PyTorch's own word-language-model example
+trains.
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ def explain(fit: TimeFit, limit: float) -> str:
     if gate_learns(fit):
         text += (
             f" The gate is still open (mean >= {GATE_LEARNS:g}), so its bias can learn a "
-            "longer memory if the task rewards one; the bias below starts it there."
+            "longer memory if the task rewards one"
+            + ("; the forget bias below starts it there." if fit.kind == "lstm" else ".")
         )
     return text
 
@@ -212,11 +213,7 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
         findings.append(
             Finding(
                 problem=Problem.VANISHING_IN_TIME,
-                severity=(
-                    Severity.CRITICAL
-                    if peak < severe and not gate_learns(worst)
-                    else Severity.WARNING
-                ),
+                severity=Severity.CRITICAL if peak < severe else Severity.WARNING,
                 layers=[module],
                 evidence=evidence,
                 explanation=explain(worst, limit),

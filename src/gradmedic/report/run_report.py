@@ -202,7 +202,10 @@ def over_steps(
 def findings_html(diagnosis: Diagnosis) -> str:
     """The findings as HTML sections: explanation, evidence numbers, ranked remedies."""
     if not diagnosis.findings:
-        return f"<p class='ok'>{html.escape(diagnosis.status)}: no gradient problem found.</p>"
+        if diagnosis.healthy:
+            return "<p class='ok'>healthy: no gradient problem found.</p>"
+        said = "".join(f"<li>{html.escape(w)}</li>" for w in diagnosis.warnings)
+        return f"<p class='warn'>{html.escape(diagnosis.status)}: not healthy.</p><ul>{said}</ul>"
     parts = []
     for f in diagnosis.findings:
         ep = f.episode

@@ -41,6 +41,10 @@ def summary_html(diagnosis: Diagnosis) -> str:
             r = f.remedies[0]
             fix = f"<br>fix: {html.escape(r.description)} <code>{html.escape(r.call)}</code>"
         items.append(f"<li>{html.escape(finding_line(f))}{fix}</li>")
+    said = [
+        f"<li>! {html.escape(w)}</li>" for w in diagnosis.warnings if w[: len(_NOTHING)] != _NOTHING
+    ]
+    items = said + items
     body = f"<ul>{''.join(items)}</ul>" if items else ""
     return (
         f'<div class="gradmedic-diagnosis"><b style="color:{color}">'
