@@ -63,7 +63,11 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="TensorBoard: a series per layer, not only the summary.")
         ] = False,
         fail_on_findings: Annotated[
-            bool, typer.Option(help="Exit 1 when the script succeeded but a problem was found.")
+            bool,
+            typer.Option(
+                help="Exit 1 when the script succeeded but a diagnosis is not healthy (a "
+                "problem found, or nothing the monitor could diagnose), as `gradmedic report`."
+            ),
         ] = False,
     ) -> None:
         """Run SCRIPT under gradmedic; print and save the diagnosis when it ends (its exit code)."""
@@ -183,7 +187,7 @@ def _print_traceback(exc: BaseException, script: Path) -> None:
 
 
 def _report(session: Any, script: Path, out: Path, html: bool) -> bool:
-    """Print each watched model's diagnosis, write its report; whether any found a problem."""
+    """Print each watched model's diagnosis, write its report; whether any is not healthy."""
     from gradmedic.report.terminal import console
 
     err = console(stderr=True)
@@ -198,7 +202,7 @@ def _report(session: Any, script: Path, out: Path, html: bool) -> bool:
     found = False
     for k, w in enumerate(watched):
         diagnosis = w.monitor.diagnose()
-        found = found or bool(diagnosis.findings)
+        found = found or not diagnosis.healthy
         how = "optimizer steps" if w.mode == "optimizer" else "manual updates"
         taken = w.monitor.history.total - w.monitor.skipped
         skipped = f", {w.monitor.skipped} skipped" if w.monitor.skipped else ""
