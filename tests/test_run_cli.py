@@ -228,3 +228,38 @@ def test_a_model_the_script_watches_itself_is_left_to_it() -> None:
                 model(torch.randn(4, 6)).sum().backward()
                 opt.step()
     assert session.watched == [] and len(own.history) == 2
+
+
+_LOOP = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for _ in range(5):
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1))
+    {backward}
+    {step}
+"""
+
+
+@pytest.mark.parametrize(
+    ("backward", "step", "status", "code"),
+    [
+        ("loss.backward()", "opt.step()", "healthy", 0),
+        ("pass", "opt.step()", "nothing_checked", 1),  # the loop forgot loss.backward()
+        ("pass", "pass", None, 1),  # no training step at all: nothing diagnosed
+    ],
+)
+def test_fail_on_findings_fails_on_any_diagnosis_that_is_not_healthy(
+    tmp_path: Path, backward: str, step: str, status: str | None, code: int
+) -> None:
+    script = tmp_path / "loop.py"
+    script.write_text(_LOOP.format(backward=backward, step=step))
+    out = tmp_path / "out"
+    got = run_script(script, [], out=out, sink=None, html=False, fail_on_findings=True)
+    assert got == code
+    if status is not None:
+        assert _diagnosis(out)["status"] == status
+    assert run_script(script, [], out=tmp_path / "again", sink=None, html=False) == 0

@@ -198,7 +198,7 @@ def _report(session: Any, script: Path, out: Path, html: bool) -> bool:
             "parameter update in any model): nothing to diagnose",
             style="yellow",
         )
-        return False
+        return True  # not healthy: nothing was diagnosed
     found = False
     for k, w in enumerate(watched):
         diagnosis = w.monitor.diagnose()
