@@ -14,6 +14,7 @@ from gradmedic.diagnose.episodes import row_step
 from gradmedic.diagnose.registry import NEEDS
 from gradmedic.diagnose.signals import _num, existing_clip, zero_started
 from gradmedic.findings import Coverage, Problem
+from gradmedic.report.summary import elided
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -67,10 +68,15 @@ def _no_gradient(rows: Rows, keys: Mapping[str, int]) -> str | None:
     return None
 
 
+def _monitor(context: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The live monitor's own counts (``Monitor.coverage()``), or {} for rows alone."""
+    found = context.get("monitor")
+    return found if isinstance(found, Mapping) else {}
+
+
 def _gradients_expected(context: Mapping[str, Any]) -> bool:
     """Whether the rows come from a live monitor that reads gradients at every record."""
-    found = context.get("monitor")
-    return isinstance(found, Mapping) and "gradients" in (found.get("probes") or ())
+    return "gradients" in (_monitor(context).get("probes") or ())
 
 
 def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
@@ -105,8 +111,7 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
         notes.append(f"The run clips the global gradient norm at {clip:.3g}.")
     steps = [row_step(r, i) for i, r in enumerate(rows)]
     layers = context.get("layers")
-    no_layers = layers is not None and not list(layers)
-    if no_layers:
+    if layers is not None and not list(layers):
         not_checked = {p.value: "the model has no monitored layer" for p in NEEDS}
     elif rows and _gradients_expected(context) and (why := _no_gradient(rows, keys)):
         not_checked = {p.value: why for p in NEEDS}
@@ -120,7 +125,7 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
         keys=keys,
         not_checked=not_checked,
         notes=tuple(notes),
-        unreached=_unreached(rows, context, keys) if not no_layers else (),
+        unreached=_unreached(rows, context, keys),
     )
 
 
@@ -144,8 +149,7 @@ def _unreached(rows: Rows, context: Mapping[str, Any], keys: Mapping[str, int]) 
     head (a pooler) is normal, so only a model mostly cut off is called out.
     """
     names = context.get("trainable_layers")
-    found = context.get("monitor")
-    monitor: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    monitor = _monitor(context)
     whole = monitor.get("steps_seen") == monitor.get("records") == len(rows)
     if not names or not whole or len(rows) < _UNREACHED_RECORDS or not keys.get("grad_norm"):
         return ()
@@ -155,15 +159,15 @@ def _unreached(rows: Rows, context: Mapping[str, Any], keys: Mapping[str, int]) 
 
 
 def _never_reached(cov: Coverage, context: Mapping[str, Any]) -> str:
-    missing = list(cov.unreached)
-    shown = ", ".join(missing if len(missing) <= 4 else [*missing[:3], "...", missing[-1]])
+    missing = cov.unreached
     total = len(context.get("trainable_layers") or missing)
     return (
         f"{len(missing)} of {total} trainable layers never received a gradient in "
-        f"{cov.steps} records ({shown}): their parameters require grad, but no backward pass "
-        "reached them, so they do not train. Look for a .detach() or torch.no_grad() in the "
-        "forward, torch.utils.checkpoint(use_reentrant=True) on inputs that do not require "
-        "grad (pass use_reentrant=False), or modules whose outputs the loss does not use."
+        f"{cov.steps} records ({elided(missing)}): their parameters require grad, but no "
+        "backward pass reached them, so they do not train. Look for a .detach() or "
+        "torch.no_grad() in the forward, torch.utils.checkpoint(use_reentrant=True) on inputs "
+        "that do not require grad (pass use_reentrant=False), or modules whose outputs the "
+        "loss does not use."
     )
 
 
@@ -176,8 +180,7 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
     "skipped_steps", "optimizer", ...}``, as ``Monitor.coverage()`` gives them).
     """
     layers = context.get("layers")
-    found = context.get("monitor")
-    monitor: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    monitor = _monitor(context)
     no_layers = layers is not None and not list(layers)
     if no_layers:
         return [

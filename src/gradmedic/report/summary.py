@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only read here: findings.py calls this module without an import cycle
@@ -21,8 +22,8 @@ if TYPE_CHECKING:  # only read here: findings.py calls this module without an im
 
 def summary_text(diagnosis: Diagnosis) -> str:
     """Status line, the diagnosis' own warnings, then two lines per finding (what, where; a fix)."""
-    lines = [_status(diagnosis)]
-    lines.extend(f"! {w}" for w in diagnosis.warnings if not w.startswith(_NOTHING))
+    lines = [status_line(diagnosis)]
+    lines.extend(f"! {w}" for w in _own_warnings(diagnosis))
     for f in diagnosis.findings:
         lines.append(f"- {finding_line(f)}")
         if f.remedies:
@@ -41,14 +42,11 @@ def summary_html(diagnosis: Diagnosis) -> str:
             r = f.remedies[0]
             fix = f"<br>fix: {html.escape(r.description)} <code>{html.escape(r.call)}</code>"
         items.append(f"<li>{html.escape(finding_line(f))}{fix}</li>")
-    said = [
-        f"<li>! {html.escape(w)}</li>" for w in diagnosis.warnings if w[: len(_NOTHING)] != _NOTHING
-    ]
-    items = said + items
+    items = [f"<li>! {html.escape(w)}</li>" for w in _own_warnings(diagnosis)] + items
     body = f"<ul>{''.join(items)}</ul>" if items else ""
     return (
         f'<div class="gradmedic-diagnosis"><b style="color:{color}">'
-        f"{html.escape(_status(diagnosis))}</b>{body}</div>"
+        f"{html.escape(status_line(diagnosis))}</b>{body}</div>"
     )
 
 
@@ -66,9 +64,7 @@ def finding_line(f: Finding) -> str:
         parts.append(key)
     text = " ".join(parts)
     if f.layers:
-        layers = list(f.layers)
-        shown = ", ".join(layers if len(layers) <= 4 else [*layers[:3], "...", layers[-1]])
-        text += f"; layers {shown}"
+        text += f"; layers {elided(f.layers)}"
     return text
 
 
@@ -86,25 +82,39 @@ def _key_number(f: Finding) -> str:
 _NOTHING = "Nothing to diagnose: "
 
 
-def _status(d: Diagnosis) -> str:
+def elided(names: Sequence[str]) -> str:
+    """``names`` joined, at most four: ``"a, b, c, ..., z"`` beyond (only what is hidden)."""
+    names = list(names)
+    return ", ".join(names if len(names) <= 4 else [*names[:3], "...", names[-1]])
+
+
+def _own_warnings(d: Diagnosis) -> list[str]:
+    """The diagnosis' warnings that the status line does not already say."""
+    return [w for w in d.warnings if not w.startswith(_NOTHING)]
+
+
+def _nothing_because(d: Diagnosis) -> str | None:
+    """Why nothing was diagnosed, from the warnings (None: they do not say)."""
+    return next((w[len(_NOTHING) :] for w in d.warnings if w.startswith(_NOTHING)), None)
+
+
+def status_line(d: Diagnosis) -> str:
+    """One line: healthy, the findings, or why the diagnosis is neither."""
     cov = d.coverage
     span = ""
     if cov is not None and cov.steps:
         span = f" ({cov.steps} records, steps {cov.first_step}-{cov.last_step})"
     if d.status == "no_records":
-        why = next((n for n in d.warnings if n.startswith(_NOTHING)), None)
-        return "gradmedic: nothing diagnosed: " + (
-            why[len(_NOTHING) :] if why else "no step was recorded"
-        )
+        return "gradmedic: nothing diagnosed: " + (_nothing_because(d) or "no step was recorded")
     if d.status == "not_reached" and cov is not None:
         return (
-            f"gradmedic: not healthy: {len(cov.unreached)} monitored layer(s) never "
+            f"gradmedic: not healthy: {len(cov.unreached)} trainable layer(s) never "
             f"received a gradient{span}"
         )
     if d.status == "nothing_checked":
-        why = next((n for n in d.warnings if n.startswith(_NOTHING)), None)
+        why = _nothing_because(d)
         if why:
-            return "gradmedic: nothing diagnosed: " + why[len(_NOTHING) :]
+            return "gradmedic: nothing diagnosed: " + why
         return f"gradmedic: nothing diagnosed: the records hold no evidence any check reads{span}"
     if d.healthy:
         return f"gradmedic: healthy, no gradient problem found{span}"

@@ -27,6 +27,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradmedic.report.summary import status_line
+
 if TYPE_CHECKING:  # the renderers only read findings: findings.py calls them without a cycle
     from gradmedic.findings import Diagnosis, Finding
 
@@ -85,9 +87,8 @@ def _header(diagnosis: Diagnosis) -> Text:
     if status in ("no_records", "nothing_checked"):
         return Text("gradmedic: nothing diagnosed (not healthy: nothing was looked at)",
                     style="bold yellow")  # fmt: skip
-    if status == "not_reached" and diagnosis.coverage is not None:
-        return Text(f"gradmedic: not healthy: {len(diagnosis.coverage.unreached)} monitored "
-                    "layer(s) never received a gradient", style="bold yellow")  # fmt: skip
+    if status == "not_reached":
+        return Text(status_line(diagnosis), style="bold yellow")
     if diagnosis.healthy:
         return Text("gradmedic: healthy, no gradient problem found", style="bold green")
     listed = ", ".join(f"{f.problem.value} ({f.severity.value})" for f in diagnosis.findings)
