@@ -281,22 +281,38 @@ class Monitor:
             self.note_loss(loss)
         self._guarded(self._manual_step)
 
+    def read_for_clip(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """Called by gradmedic's norm clip before it scales: its L2 norms and the max |g|.
+
+        The norms are the ones the clip would compute itself (None: the clip computes
+        them); the maxima go back with :meth:`note_clip`, so the record reads nothing.
+        """
+        if self.disabled or self.closed or not self._recording():
+            return None
+        return self._gradients.read_for_clip(list(params), list(grads))
+
     def note_clip(
         self,
         grads: Sequence[torch.Tensor],
         per_param_norms: Sequence[torch.Tensor] | None,
         info: dict[str, Any],
+        per_param_maxes: torch.Tensor | None = None,
     ) -> None:
         """Called by gradmedic's clipping: what was clipped, and norms to reuse.
 
-        ``per_param_norms`` are pre-clip L2 norms of ``grads``; when the clip
-        scales every gradient by ``info["scale"]`` the record reuses them.
+        ``per_param_norms`` (and ``per_param_maxes``, max |g|) are pre-clip statistics
+        of ``grads``; when the clip scales every gradient by ``info["scale"]`` the
+        record reuses them.
         """
         if self.disabled or self.closed:
             return
         self._clip = dict(info)
         if per_param_norms is not None and "scale" in info:
-            self._gradients.offer_norms(list(grads), list(per_param_norms), info["scale"])
+            self._gradients.offer_norms(
+                list(grads), list(per_param_norms), info["scale"], per_param_maxes
+            )
 
     def diagnose(self, config: Any = None) -> Diagnosis:
         """Run every detector on the recorded history."""

@@ -36,6 +36,8 @@ _GRAD = attrgetter("grad")
 _VERSION = attrgetter("_version")
 #: max |g| below this (2^-60): a float32 sum of squares may have lost the gradient.
 _TINY = 2.0**-60
+#: Gradient dtypes whose clip norms the probe reads itself (torch's own CPU norms).
+_EXACT = (torch.float32, torch.float64)
 
 
 class GradientProbe(Probe):
@@ -70,7 +72,11 @@ class GradientProbe(Probe):
 
     def __init__(self) -> None:
         self.index: LayerIndex | None = None
-        self._offered: tuple[list[int], list[torch.Tensor], torch.Tensor] | None = None
+        self._offered: _Offer | None = None
+        #: The last record took the gradmedic clip's norms: the next snapshot reads none.
+        self._clip_reads = False
+        #: The grouping of the last gradients a clip handed over, keyed by their parameters.
+        self._clip_plan: tuple[tuple[int, ...], ReducePlan] | None = None
         self._snapshot: _Snapshot | None = None
         #: The global norm of the last collected step, a 0-d tensor on the gradients' device.
         self.last_total: torch.Tensor | None = None
@@ -86,10 +92,44 @@ class GradientProbe(Probe):
         self.index = index
 
     def offer_norms(
-        self, grads: list[torch.Tensor], norms: list[torch.Tensor], scale: torch.Tensor
+        self,
+        grads: list[torch.Tensor],
+        norms: list[torch.Tensor],
+        scale: torch.Tensor,
+        maxes: torch.Tensor | None = None,
     ) -> None:
-        """Accept L2 norms already computed for ``grads``, which were then scaled by ``scale``."""
-        self._offered = ([id(g) for g in grads], norms, scale)
+        """Take L2 norms (and max |g|) already computed for ``grads``, then scaled by ``scale``."""
+        self._offered = _Offer([id(g) for g in grads], norms, scale, maxes)
+
+    def read_for_clip(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """A norm clip's pre-clip L2 norms and this probe's max |g|, in one read of ``grads``.
+
+        The norms are the ones torch's clip computes on CPU (one ``linalg.vector_norm``
+        per gradient, float32 or float64), so clipping comes out the same watched or
+        not; each large gradient's max and min are read right after its norm, while it is
+        in cache. None (the clip reads its own norms) for anything else: an accelerator's
+        fused norms, half precision, sharded gradients. A record that reuses these (scaled
+        by the clip's factor) reads nothing more, and the next snapshot reads nothing.
+        """
+        dtype = grads[0].dtype if grads else None
+        if dtype not in _EXACT or any_dtensor(grads):
+            return None
+        if not all(g.device.type == "cpu" and g.dtype == dtype for g in grads):
+            return None
+        device = grads[0].device
+        key = tuple(map(id, params))
+        if self._clip_plan is None or self._clip_plan[0] != key:
+            self._clip_plan = (key, reduce_plan(grads, device))
+        plan = self._clip_plan[1]
+        l2, amax = norms_and_maxes(grads, device, True, plan)
+        norms = list(cast(torch.Tensor, l2).unbind())
+        stacked = [i for idx in plan.stacks for i in idx]
+        if stacked:  # a stack's norms are one reduction over the stack: per gradient instead
+            for i, n in zip(stacked, foreach_norms([grads[i] for i in stacked]), strict=True):
+                norms[i] = n
+        return norms, amax
 
     def snapshot(self) -> None:
         """Read the per-parameter L2 norms and maxima now (the end of a backward pass)."""
@@ -98,8 +138,11 @@ class GradientProbe(Probe):
             self._snapshot = None
             return
         device = grads[0].device
+        l2: torch.Tensor | None = None
         amax: torch.Tensor | None = None
-        if not self._expect_change:
+        if self._clip_reads:  # gradmedic's clip reads them before the record: only identities
+            pass
+        elif not self._expect_change:
             l2, amax = self._norms(grads, device, positions=positions)
         else:  # changed before the record: only the pre-clip norms are of use now
             l2 = l2_norms(grads, device, self._plan_for(grads, device, positions))
@@ -114,7 +157,7 @@ class GradientProbe(Probe):
                 (params[i], id(g), version_of(g))
                 for i, g in ((positions[0], grads[0]), (positions[-1], grads[-1]))
             ),
-            l2,  # type: ignore[arg-type]
+            l2,
             amax,
             _versions(held),
         )
@@ -164,14 +207,15 @@ class GradientProbe(Probe):
             return None
         moved = cast("list[int]", found)
         order = sorted(range(len(moved)), key=lambda k: moved[k])
-        take = torch.tensor(order, device=snap.norms.device)
+        read = snap.norms if snap.norms is not None else snap.maxes
+        take = torch.tensor(order, device=None if read is None else read.device)
         grads = tuple(snap.grads[k] for k in order)
         snap = _Snapshot(
             index.params,
             tuple(moved[k] for k in order),
             grads,
             snap.sentinels,  # as read at the end of backward: a change since still shows
-            snap.norms[take],
+            None if snap.norms is None else snap.norms[take],
             None if snap.maxes is None else snap.maxes[take],
             tuple(snap.versions[k] for k in order) if snap.versions else (),
         )
@@ -238,7 +282,9 @@ class GradientProbe(Probe):
         # What the next snapshot reads: loops keep their shape from step to step.
         self._expect_change = changed
         snap = self._aligned()
-        unchanged = snap is not None and not changed and self._same_grads(snap)
+        unchanged = (
+            snap is not None and snap.norms is not None and not changed and self._same_grads(snap)
+        )
         if unchanged:  # the gradients the backward pass left, as the snapshot listed them
             pos, grads = snap.positions, list(snap.grads)  # type: ignore[union-attr]
         else:
@@ -251,15 +297,20 @@ class GradientProbe(Probe):
         if any_dtensor(grads):  # sharded: local statistics now, reduced when the record is read
             return self._collect_sharded(index, pos, grads, snap, unchanged)
         pre: torch.Tensor | None = None
+        offered = None if unchanged else self._offered_stats(grads, device)
         if unchanged:
             l2, inf = snap.norms, snap.maxes  # type: ignore[union-attr]
             if inf is None:  # the snapshot took the L2 norms only: a change was expected
                 inf = self._norms(grads, device, False, pos)[1]
-        else:
-            offered = self._offered_norms(grads, device)
-            computed, inf = self._norms(grads, device, offered is None, pos)
-            l2 = offered if offered is not None else computed
-            pre = self._pre_clip(snap, device)
+        elif offered is None:
+            computed, inf = self._norms(grads, device, True, pos)
+            l2, pre = cast(torch.Tensor, computed), self._pre_clip(snap, device)
+        else:  # as the clip read them before it scaled them
+            l2, inf, pre = offered
+            if inf is None:
+                inf = self._norms(grads, device, False, pos)[1]
+        # a clip that read the maxima too will read them again: the next snapshot reads none
+        self._clip_reads = offered is not None and offered[1] is not None
         # Per step only the per-parameter vectors and the global norm (for the norm-jump
         # rule) are computed; per-layer values and flags are derived when read.
         total = torch.linalg.vector_norm(l2, dtype=torch.float64)  # no overflow of the sum
@@ -289,7 +340,7 @@ class GradientProbe(Probe):
 
     def _pre_clip(self, snap: _Snapshot | None, device: torch.device) -> torch.Tensor | None:
         """The snapshot's norms as pre-clip norms on ``device`` (unscaled by a GradScaler's)."""
-        if snap is None:
+        if snap is None or snap.norms is None:
             return None
         pre = snap.norms.to(device)
         if self.loss_scale is not None:
@@ -308,7 +359,7 @@ class GradientProbe(Probe):
         names, seg = index.segments(pos, torch.device("cpu"))
         grads = without_partial(grads)
         pre = None
-        if unchanged and snap is not None:
+        if unchanged and snap is not None and snap.norms is not None:
             l2, inf = snap.norms, snap.maxes  # the local pieces', read at the end of backward
             if inf is None:  # the snapshot took the L2 norms only: a change was expected
                 inf = self._norms(grads, grads[0].device, False)[1]
@@ -319,24 +370,48 @@ class GradientProbe(Probe):
         params = tuple(index.param_names[i] for i in pos)
         return sharded_record(grads, l2, inf, pre, seg, names, params)
 
-    def _offered_norms(
+    def _offered_stats(
         self, grads: list[torch.Tensor], device: torch.device
-    ) -> torch.Tensor | None:
-        """Norms a gradmedic clipping call computed for exactly these gradients, rescaled."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """What a gradmedic clip read of exactly these gradients, as vectors on ``device``.
+
+        The post-clip L2 norms, the post-clip max |g| (None unless the clip read them)
+        and the pre-clip norms. Scaling every element by one factor ``s >= 0`` scales
+        its norm and its max |g| by ``s`` (NaN propagating), so the clip's reading stands
+        for the gradients it left.
+        """
         offered = self._offered
         if offered is None:
             return None
-        ids, norms, scale = offered
-        lookup = dict(zip(ids, norms, strict=True))
-        if not all(id(g) in lookup for g in grads):
+        where = {ident: k for k, ident in enumerate(offered.ids)}
+        if len(where) != len(offered.ids) or not all(id(g) in where for g in grads):
             return None
-        l2 = stack_on([lookup[id(g)] for g in grads], device)
-        return l2 * torch.as_tensor(scale, device=device, dtype=l2.dtype)
+        take = [where[id(g)] for g in grads]
+        pre = stack_on([offered.norms[k] for k in take], device)
+        scale = torch.as_tensor(offered.scale, device=device)
+        maxes = None
+        if offered.maxes is not None:
+            picked = offered.maxes.to(device)
+            if take != list(range(len(offered.ids))):
+                picked = picked[torch.tensor(take, device=device)]
+            maxes = picked * scale.to(picked.dtype)
+        return pre * scale.to(pre.dtype), maxes, pre
 
     def detach(self) -> None:
         """Nothing to remove."""
         self.index = None
         self.reset()
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """What a gradmedic clip read of the gradients before it scaled them by ``scale``."""
+
+    ids: list[int]
+    norms: list[torch.Tensor]
+    scale: torch.Tensor
+    #: max |g| of each, when the clip read them (:meth:`GradientProbe.read_for_clip`).
+    maxes: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -350,7 +425,8 @@ class _Snapshot:
     grads: tuple[torch.Tensor, ...]
     #: ``(parameter, id of its gradient, version counter)``, first and last gradient read.
     sentinels: tuple[tuple[torch.nn.Parameter, int, int], ...]
-    norms: torch.Tensor
+    #: None when nothing was read (gradmedic's clip reads them before the record).
+    norms: torch.Tensor | None
     #: None when only the L2 norms were read (the gradients were expected to change).
     maxes: torch.Tensor | None
     #: The version counter of each of ``grads`` when read.

@@ -79,7 +79,13 @@ def clip_grad_norm_(
         if not pairs:
             return torch.tensor(0.0)
         grads = [g for _, g in pairs]
-        norms = foreach_norms(grads, norm_type, foreach)
+        monitor = active_monitor([p for p, _ in pairs])
+        read: tuple[list[torch.Tensor], torch.Tensor | None] | None = None
+        if monitor is not None and norm_type == 2.0 and foreach is not True:
+            read = read_by_monitor(monitor, [p for p, _ in pairs], grads)
+        if read is None:
+            read = (foreach_norms(grads, norm_type, foreach), None)
+        norms, maxes = read
         total = total_norm(norms, norm_type, grads[0].device)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise GradmedicError(
@@ -90,7 +96,6 @@ def clip_grad_norm_(
             )
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         scale_grads_(grads, scale, foreach)
-        monitor = active_monitor([p for p, _ in pairs])
         if monitor is not None:
             notify(
                 monitor,
@@ -103,6 +108,7 @@ def clip_grad_norm_(
                     "clipped": total > max_norm,
                     "scale": scale,
                 },
+                maxes,
             )
     return total
 
@@ -196,19 +202,35 @@ def active_monitor(params: list[torch.Tensor]) -> Any:
         return None
 
 
+def read_by_monitor(
+    monitor: Any, params: list[torch.Tensor], grads: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """The pre-clip L2 norms the clip would compute, read by ``monitor`` with its max |g|.
+
+    None (the clip computes its norms) when the monitor does not read them or fails to.
+    """
+    try:
+        return monitor.read_for_clip(params, grads)
+    except Exception as exc:
+        _warn_once(f"gradmedic: the monitor failed to read the gradients ({exc!r}); clip goes on.")
+        return None
+
+
 def notify(
     monitor: Any,
     grads: list[torch.Tensor],
     per_param_norms: list[torch.Tensor] | None,
     info: dict[str, Any],
+    per_param_maxes: torch.Tensor | None = None,
 ) -> None:
     """Tell ``monitor`` what a clipping call did; swallow (and warn about) any error in it.
 
     ``per_param_norms`` are the pre-clip L2 norms of ``grads`` (None when the clip did
-    not scale every gradient by the one factor ``info["scale"]``).
+    not scale every gradient by the one factor ``info["scale"]``); ``per_param_maxes``
+    their max |g|, as :func:`read_by_monitor` returned them.
     """
     try:
-        monitor.note_clip(grads, per_param_norms, info)
+        monitor.note_clip(grads, per_param_norms, info, per_param_maxes)
     except Exception as exc:
         _warn_once(f"gradmedic: the monitor rejected a clipping note ({exc!r}); clipping goes on.")
 
