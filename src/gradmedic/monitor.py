@@ -163,13 +163,17 @@ class Monitor:
         self._first_nonfinite: dict[str, Any] | None = None
         self.disabled = False
         self.closed = False
-        self.skipped = 0  # iterations whose backward pass was not followed by a step
+        self.skipped = 0  # iterations whose step the optimizer skipped (GradScaler: inf)
+        self.unstepped = 0  # backward passes no step of this monitor's followed (not steps)
         self._recorded = 0
         self._backward_done = False
         #: log of the running level of recorded global norms (a device tensor; NaN: none yet).
         self._log_level: torch.Tensor | None = None
         self._log_of: tuple[torch.Tensor, torch.Tensor] | None = None  # (norm, its log)
         self._loss_scale: torch.Tensor | None = None
+        #: The GradScaler seen calling the optimizer, and its scale at the last record.
+        self._scaler: weakref.ref[Any] | None = None
+        self._last_scale: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
         self._pre_ran = False  # the optimizer's step pre-hook ran for the current step
@@ -334,6 +338,7 @@ class Monitor:
             "steps_seen": self.steps,
             "records": self.history.total,
             "skipped_steps": self.skipped,
+            "unstepped_backwards": self.unstepped,
             "probes": [p.name for p in self.probes],
             "disabled": self.disabled,
             "closed": self.closed,
@@ -347,6 +352,9 @@ class Monitor:
         A closed monitor records nothing more; its history, ``diagnose()`` and
         ``grad_norms()`` stay available.
         """
+        if not self.closed and not self.disabled and self._backward_done and self._pending is None:
+            # the last backward pass was followed by no step: skipped, or no step at all
+            self._guarded(self._abandon_iteration)
         self.closed = True
         try:
             finish_in_flight()  # sharded runs: no collective left in flight after close
@@ -432,7 +440,10 @@ class Monitor:
         self._pre_ran = True
         if not self._recording():
             return None
-        self._loss_scale = _grad_scaler_scale()
+        scaler = _calling_grad_scaler()
+        self._loss_scale = _scale_of(scaler)
+        if self._loss_scale is not None:
+            self._scaler = weakref.ref(scaler)
         # torch passes the step's own arguments with the optimizer first: (self, closure?).
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if callable(closure):
@@ -535,7 +546,31 @@ class Monitor:
             except Exception:
                 abandoned = False
             if abandoned:
-                self._guarded(self._skip_iteration)
+                self._guarded(self._abandon_iteration)
+
+    def _abandon_iteration(self) -> None:
+        """A backward pass whose gradients were cleared without an optimizer step.
+
+        A skipped step (the GradScaler found inf/NaN: its scale dropped since the last
+        record; before any record, the gradients were not finite) is a step and a
+        ``skipped`` record. Any other backward is no step of this optimizer (a GAN's
+        generator pass through the discriminator): it is forgotten.
+        """
+        if self._skipped_by_optimizer():
+            self._skip_iteration()
+        else:
+            self.unstepped += 1
+            self._reset_step()
+
+    def _skipped_by_optimizer(self) -> bool:
+        scaler = self._scaler() if self._scaler is not None else None
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor) and self._last_scale is not None:
+            # one host read, where the GradScaler itself reads found_inf every step
+            return bool(scale.reshape(()) < self._last_scale.to(scale.device))
+        if self._recorded == 0:  # no step yet: an optimizer skips non-finite gradients
+            return not self._gradients.snapshot_finite()
+        return False
 
     def _model_output(self, output: Any) -> None:
         """A forward of the whole model returned: keep its loss (HF models return one)."""
@@ -558,9 +593,7 @@ class Monitor:
         self.history.append(record)
         if self._sink is not None:
             self._sink.add(record)
-        self._pending = None
-        self._loss = None
-        self._clip = None
+        self._reset_step()
         self._advance()
 
     def _finish_step(self) -> None:
@@ -580,19 +613,25 @@ class Monitor:
             self._recorded += 1
             if self._sink is not None:
                 self._sink.add(record)  # written in batches: no host read per step
+            if self._loss_scale is not None:
+                self._last_scale = self._loss_scale
+        self._reset_step()
+        self._advance()
+
+    def _reset_step(self) -> None:
+        """Forget the step in progress: its pending record, loss, clip and probe state."""
         self._pending = None
         self._loss = None
         self._clip = None
-        self._advance()
-
-    def _advance(self) -> None:
-        """Reset the per-step state of every probe and move to the next step."""
         self._backward_done = False
         self._loss_scale = None
         if not self._order_fixed:
             self._trace.take_flags()  # an unrecorded step's flags: the record is of a later one
         for probe in self.probes:
             probe.reset()
+
+    def _advance(self) -> None:
+        """Move to the next step (its probes record it or not)."""
         self.steps += 1
         recording = self._recording()
         for probe in self.probes:
@@ -762,24 +801,28 @@ def _compiled_inner(model: nn.Module) -> nn.Module:
     return inner if is_wrapper else model  # type: ignore[return-value]
 
 
-def _grad_scaler_scale() -> torch.Tensor | None:
-    """The loss scale of the ``torch.amp.GradScaler`` calling ``optimizer.step()``, if any.
-
-    ``GradScaler.step`` unscales the gradients before it calls the optimizer,
-    but deltas and pre-clip norms were taken during the backward pass of the
-    scaled loss. The scale is copied: ``scaler.update()`` changes it in place.
-    """
+def _calling_grad_scaler() -> Any:
+    """The ``torch.amp.GradScaler`` calling ``optimizer.step()``, if any (None)."""
     frame: FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return None
         if frame.f_code.co_name == "_maybe_opt_step":
-            scaler = frame.f_locals.get("self")
-            scale = getattr(scaler, "_scale", None)
-            if isinstance(scale, torch.Tensor) and getattr(scaler, "_enabled", True):
-                return scale.detach().clone().reshape(())
-            return None
+            return frame.f_locals.get("self")
         frame = frame.f_back
+    return None
+
+
+def _scale_of(scaler: Any) -> torch.Tensor | None:
+    """The loss scale of an enabled GradScaler, copied (``scaler.update()`` changes it in place).
+
+    ``GradScaler.step`` unscales the gradients before it calls the optimizer,
+    but deltas and pre-clip norms were taken during the backward pass of the
+    scaled loss.
+    """
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor) and getattr(scaler, "_enabled", True):
+        return scale.detach().clone().reshape(())
     return None
 
 
@@ -842,10 +885,14 @@ def _nonfinite_origin(
         # with finite gradients is a float32 sum of squares that overflowed.
         return None
     deltas = row.get("delta_norm", {})
+    grads = row.get("grad_norm", {})
     for name in backward:
         if name in deltas and not math.isfinite(deltas[name]):
-            return {"layer": name, "where": "backward", "step": step}
-    grads = row.get("grad_norm", {})
+            # the output-most layer's delta comes from the loss: with its output finite,
+            # the loss computation made the NaN/Inf (log of 0), no layer's backward did
+            last = [n for n in order if n in grads][-1:]
+            from_loss = name == backward[0] and name in out_max and [name] == last
+            return {"layer": name, "where": "loss" if from_loss else "backward", "step": step}
     for name in reversed(order):
         if name in grads and not math.isfinite(grads[name]):
             return {"layer": name, "where": "gradient", "step": step}

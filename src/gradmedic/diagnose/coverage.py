@@ -192,7 +192,8 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
         has_opt = monitor.get("optimizer")
         if has_opt is None and "optimizer" in context:
             has_opt = context["optimizer"] is not None
-        if cov.skipped and has_opt is False:
+        unstepped = monitor.get("unstepped_backwards")
+        if (cov.skipped or (isinstance(unstepped, int) and unstepped > 0)) and has_opt is False:
             return [
                 "Nothing to diagnose: backward passes ran but monitor.step() was never "
                 f"called. {_RECORDS_AT_STEP}"

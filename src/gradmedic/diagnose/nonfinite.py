@@ -29,6 +29,7 @@ from gradmedic.remedies import catalog
 _WHERE: dict[str | None, str] = {
     "forward": "the forward output",
     "backward": "the gradient flowing back into the output (dL/d output)",
+    "loss": "the gradient of the loss reaching the output",
     "gradient": "the parameters' gradient",
 }
 
@@ -52,6 +53,51 @@ def suspects(origin: str, context: Mapping[str, Any], exact: str | None = None) 
             break
         between.append(name)
     return list(reversed(between))
+
+
+def after(layer: str | None, context: Mapping[str, Any]) -> list[str]:
+    """Parameterless modules run after the last layer ``layer`` (forward order): its head.
+
+    The containers holding ``layer`` (they finish after it) are not among them.
+    """
+    order = list(context.get("forward_order") or [])
+    layers = set(context.get("layers") or [])
+    if layer is None or layer not in order:
+        return []
+    tail = [n for n in order[order.index(layer) + 1 :] if n and not layer.startswith(n + ".")]
+    return [] if any(n in layers for n in tail) else tail
+
+
+#: A last layer's output above this when the loss turns non-finite: the loss overflowed
+#: on outputs grown by too large steps (a square of 1e19 overflows float32).
+HUGE_OUTPUT = 1e15
+
+
+def _loss_text(
+    row: Mapping[str, Any], step: Any, layer: str | None, named: list[str], peak: float
+) -> str:
+    """Why a NaN/Inf made by the loss (not by any layer) is the loss's, and its fix."""
+    loss = row.get("loss")
+    became = (
+        f" (the loss was {loss})" if isinstance(loss, float) and not math.isfinite(loss) else ""
+    )
+    head = f" or in {', '.join(repr(n) for n in named)} after it" if named else ""
+    text = (
+        f"At step {step}, the gradient of the loss reaching the output of the last layer "
+        f"{layer!r} is the first NaN/Inf, while every layer's output was finite{became}: "
+        f"it was made in the loss computation{head}, not in any layer."
+    )
+    if peak > HUGE_OUTPUT:
+        return text + (
+            f" Layer {layer!r} output values as large as {peak:.2g}: the loss overflowed on "
+            "them; the weights grew by too large steps."
+        )
+    return text + (
+        " The usual cause is a log of 0 (or a division by 0) in a hand-written loss, e.g. "
+        "log(sigmoid(x)) once the sigmoid rounds to 0 or 1: compute the loss from the logits "
+        "(torch.nn.functional.binary_cross_entropy_with_logits, cross_entropy, "
+        "log_softmax), or clamp the argument of the log (p.clamp_min(1e-7))."
+    )
 
 
 #: Elementwise activations whose output is finite wherever their input is.
@@ -116,7 +162,13 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
             "overflow of its output: weights or inputs grown too large), or a functional "
             "operation in the forward code between them did (e.g. log of 0)"
         )
-    if layer is None:
+    made_by_loss = False  # by a log of 0 in the loss, which no lr fixes (not an overflow)
+    if where == "loss" and layer is not None:
+        named = [exact] if exact and exact != layer else after(layer, config.context)
+        peak = (row.get("output_max") or {}).get(layer, 0.0)
+        made_by_loss = not peak > HUGE_OUTPUT
+        text = _loss_text(row, step, layer, named, peak)
+    elif layer is None:
         text = f"The loss became {row.get('loss')} at step {step} while no layer's values did."
     else:
         text = f"At step {step}, {_WHERE.get(where, where)} of layer {layer!r} is the first NaN/Inf"
@@ -133,7 +185,7 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
         text += ". Every later layer and every gradient computed from it is NaN/Inf too."
     first_record = rows and row is next(iter(rows))
     remedies: list[Remedy] = []
-    if where != "forward" or not first_record:
+    if (where != "forward" or not first_record) and not made_by_loss:
         # It appeared during training: steps too large inflated weights or gradients (K6).
         s = suggested(rows, config)
         setup = setup_of(config)

@@ -161,10 +161,10 @@ def suggest(rows: Rows, config: DiagnosisConfig) -> Suggestion:
         typical = float(np.median(values))
         raw = float(np.percentile(values, pct))
         clip = float(min(max(raw, lo * typical), hi * typical))
+        when = "before the first bad record" if bad is not None else "in the run"
         why = (
             f"the {pct:g}th percentile of the {len(norms)} global gradient norms recorded "
-            f"before the first bad record (steps {norms[0][0]}-{norms[-1][0]}, median "
-            f"{sci(typical)})"
+            f"{when} (steps {norms[0][0]}-{norms[-1][0]}, median {sci(typical)})"
         )
         if clip != raw:
             why += f", clamped to [{lo:g}, {hi:g}] x median"
@@ -193,8 +193,10 @@ def suggest(rows: Rows, config: DiagnosisConfig) -> Suggestion:
     ratio: float | None = None
     if pre and statistics.median(pre) > healthy:
         ratio = statistics.median(pre)
-        source = f"the median largest update ratio {ratio:.3g} of the {len(pre)} records before"
-        source += " the first bad one"
+        which = (
+            f"the {len(pre)} records before the first bad one" if bad else f"all {len(pre)} records"
+        )
+        source = f"the median largest update ratio {ratio:.3g} of {which}"
     elif at_bad is not None and at_bad.value > healthy:
         ratio = at_bad.value
         source = f"the update ratio {ratio:.3g} at the first bad record (step {at_bad.step})"

@@ -39,6 +39,24 @@ def _is_plain_optimizer(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Optimizer) and not hasattr(optimizer, "optimizer")
 
 
+def stepped_module(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[str, nn.Module]:
+    """The smallest submodule of ``model`` holding every parameter ``optimizer`` steps.
+
+    A GAN's module holds a generator and a discriminator, each stepped by its own
+    optimizer: each is watched with its optimizer, not the whole module with one.
+    ``("", model)`` when no smaller module holds them all.
+    """
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not stepped:
+        return "", model
+    best: tuple[int, str, nn.Module] = (sum(1 for _ in model.parameters()), "", model)
+    for name, module in model.named_modules():
+        own = {id(p) for p in module.parameters()}
+        if stepped <= own and len(own) < best[0]:
+            best = (len(own), name, module)
+    return best[1], best[2]
+
+
 class MonitorSession:
     """A monitor started and stopped by a framework's callback events.
 
@@ -163,4 +181,11 @@ class SessionCallback:
         return self.session.diagnosis
 
 
-__all__ = ["DIAGNOSIS_FILE", "PREFIX", "MonitorSession", "SessionCallback", "innermost_optimizer"]
+__all__ = [
+    "DIAGNOSIS_FILE",
+    "PREFIX",
+    "MonitorSession",
+    "SessionCallback",
+    "innermost_optimizer",
+    "stepped_module",
+]

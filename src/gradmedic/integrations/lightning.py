@@ -13,32 +13,87 @@ W&B, ...). At the end of ``fit`` the diagnosis is printed, saved as
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
-from gradmedic.integrations._session import MonitorSession, SessionCallback
+from gradmedic.integrations._session import (
+    MonitorSession,
+    SessionCallback,
+    innermost_optimizer,
+    stepped_module,
+)
 
 
 class GradmedicCallback(SessionCallback, Callback):
     """Record gradient flow during ``Trainer.fit``; log it; diagnose at the end.
 
+    With several optimizers (a GAN), one callback watches the part of the module one
+    optimizer steps (``optimizer``: its index in ``trainer.optimizers``); add one
+    callback per optimizer to watch each part.
+
     Args:
+        optimizer: Index of the optimizer to watch (None: the first, with a warning
+            when there are several).
         per_layer: Log a series per layer too, not only the summary.
         show: Print the diagnosis at the end of fit (global rank 0).
         **watch_kwargs: Options of :func:`gradmedic.watch` (``every``, ``sink``, ...).
     """
 
-    def __init__(self, *, per_layer: bool = False, show: bool = True, **watch_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        optimizer: int | None = None,
+        per_layer: bool = False,
+        show: bool = True,
+        **watch_kwargs: Any,
+    ) -> None:
         super().__init__()
+        if optimizer is not None and (
+            isinstance(optimizer, bool) or not isinstance(optimizer, int) or optimizer < 0
+        ):
+            raise ValueError(
+                f"optimizer must be an optimizer's index (an int >= 0), got {optimizer!r}"
+            )
+        self.optimizer = optimizer
         self.session = MonitorSession(per_layer=per_layer, **watch_kwargs)
         self.show = show
 
+    @property
+    def state_key(self) -> str:
+        """One checkpoint entry per watched optimizer."""
+        return self._generate_state_key(optimizer=self.optimizer or 0)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Attach to the module and its (first) optimizer."""
-        self.session.start(pl_module, trainer.optimizers[0])
+        """Attach to the part of the module the chosen optimizer steps, and to it."""
+        optimizers = trainer.optimizers
+        index = self.optimizer or 0
+        if index >= len(optimizers):
+            warnings.warn(
+                f"gradmedic: GradmedicCallback(optimizer={index}) but the trainer has "
+                f"{len(optimizers)} optimizer(s); nothing is watched",
+                stacklevel=2,
+            )
+            return
+        optimizer = innermost_optimizer(optimizers[index])
+        part = stepped_module(pl_module, optimizer) if len(optimizers) > 1 else ("", pl_module)
+        if len(optimizers) > 1 and self.optimizer is None:
+            where = f"'{part[0]}'" if part[0] else "the whole module"
+            warnings.warn(
+                f"gradmedic: {len(optimizers)} optimizers; this callback watches {where}, "
+                "which optimizer 0 steps. Add GradmedicCallback(optimizer=i) for the others.",
+                stacklevel=2,
+            )
+        self.session.start(part[1], optimizer)
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
+        """Manual optimization: the loss given to ``manual_backward`` is the step's loss."""
+        mon = self.session.monitor
+        if mon is not None and not pl_module.automatic_optimization:
+            mon.note_loss(loss)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

@@ -179,6 +179,16 @@ class GradientProbe(Probe):
         # one gradient edited in place (a layer frozen for a step): every counter, C loops
         return bool(snap.versions) and _versions(snap.grads) != snap.versions
 
+    def snapshot_finite(self) -> bool:
+        """Whether the snapshot's gradients were all finite (True when it read no norms).
+
+        One host read: called only for a backward pass no step followed.
+        """
+        snap = self._snapshot
+        if snap is None or snap.norms is None:
+            return True
+        return bool(torch.isfinite(snap.norms).all())
+
     def _same_grads(self, snap: _Snapshot) -> bool:
         """Whether every parameter still holds the gradient tensor the snapshot read.
 
