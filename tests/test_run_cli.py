@@ -197,6 +197,35 @@ def test_script_that_raises_keeps_its_traceback_and_exit_code(tmp_path) -> None:
     assert len(load_history(out / "run.jsonl")[1]) == 4
 
 
+def test_a_script_with_a_syntax_error_shows_pythons_lines_only(tmp_path, capsys) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text('import torch\nprint("hi"\n')
+    assert run_script(script, [], out=tmp_path / "out", sink=None) == 1
+    err = capsys.readouterr().err
+    assert 'broken.py", line 2' in err and "SyntaxError" in err
+    assert "Traceback" not in err and "runpy" not in err and "gradmedic/cli" not in err
+
+
+def test_a_compiled_model_adds_no_torch_warning_about_global_hooks(tmp_path) -> None:
+    script = tmp_path / "compiled.py"
+    script.write_text(
+        "import torch\n"
+        "model = torch.nn.Sequential(\n"
+        "    torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))\n"
+        "fast = torch.compile(model)\n"
+        "opt = torch.optim.SGD(model.parameters(), 0.01)\n"
+        "for _ in range(3):\n"
+        "    opt.zero_grad(); fast(torch.randn(16, 8)).pow(2).mean().backward(); opt.step()\n"
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_script(script, [], out=tmp_path / "out", sink=None) == 0
+        assert not any("global hooks" in str(f[1]) for f in warnings.filters)  # filter removed
+    assert not [w for w in caught if "global hooks" in str(w.message)]
+
+
 def test_missing_script_is_a_usage_error(tmp_path) -> None:
     result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.py")])
     assert result.exit_code == 2

@@ -60,6 +60,9 @@ from gradmedic.monitor import Monitor, find_monitor
 from gradmedic.passes import PassWatch
 from gradmedic.private import in_private_work
 
+#: The start of torch's warning at a compiled module's call while a global module hook exists.
+_COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
+
 
 @dataclass
 class Watched:
@@ -113,6 +116,7 @@ class AutoAttach:
         )
         self._watched_params: set[int] = set()
         self._handles: list[RemovableHandle] = []
+        self._filter: Any = None  # the warnings filter start() added
         self._restore: list[Callable[[], None]] = []
         self.active = False
 
@@ -126,6 +130,10 @@ class AutoAttach:
         self._patch(nn.Module, "zero_grad", self._wrap_zero_grad)
         self._patch(torch.Tensor, "backward", self._wrap_backward)
         self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._forward))
+        # torch warns at every compiled module's call while a global hook exists; this one
+        # returns at once for the compiled module's inner call (it is watched as one model)
+        warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
+        self._filter = warnings.filters[0]
         return self
 
     def stop(self) -> None:
@@ -136,6 +144,9 @@ class AutoAttach:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)  # type: ignore[attr-defined]
+            warnings._filters_mutated()  # type: ignore[attr-defined]
         for restore in reversed(self._restore):
             restore()
         self._restore = []

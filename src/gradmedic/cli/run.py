@@ -183,7 +183,11 @@ def _print_traceback(exc: BaseException, script: Path) -> None:
     target = os.path.realpath(script)
     while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != target:
         tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
+    if tb is None and isinstance(exc, SyntaxError):
+        tb = None  # the script never ran: Python shows only the file, the line and the caret
+    elif tb is None:
+        tb = exc.__traceback__
+    traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
 def _report(session: Any, script: Path, out: Path, html: bool) -> bool:
