@@ -135,10 +135,11 @@ def test_registering_a_name_twice_is_refused(toys):
 def test_each_builtin_remedy_name_belongs_to_exactly_one_kind():
     model = nn.Sequential(nn.RNN(2, 3), nn.LSTM(3, 3), nn.Sigmoid(), nn.Tanh(), nn.Linear(3, 1))
     pool = [*appliers.whole_catalog(model), catalog.raise_lr(10.0), catalog.warmup(0.1, 5)]
+    pool.append(catalog.loss_scaling(device="cpu"))  # never in the search: it needs float16
     for remedy in pool:
         owners = [k.name for k in registry.kinds() if k.owns(remedy.name)]
         assert len(owners) == 1, (remedy.name, owners)
-    # every kind is represented by a default or the two budget-sized lr kinds
+    # every kind is represented by a default, the two budget-sized lr kinds or loss scaling
     assert {registry.kind_of(r).name for r in pool} == {k.name for k in registry.kinds()}
 
 

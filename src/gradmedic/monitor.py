@@ -330,6 +330,11 @@ class Monitor:
             for layer in self.index.layers
             if any(p.requires_grad for _, p in layer.params)
         ]
+        half = {
+            n: d for p in self.probes if isinstance(p, DeltaProbe) for n, d in p.float16.items()
+        }
+        if half:
+            context["float16_layers"] = half  # layer -> device type
         return diagnose_rows(self.history.rows(), config, layers=self.layers, context=context)
 
     def coverage(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from gradmedic.diagnose.profile import (
 from gradmedic.diagnose.signals import nonfinite_row
 from gradmedic.diagnose.units import dead_modules
 from gradmedic.findings import Finding, Problem, Remedy, Severity
+from gradmedic.remedies import catalog
 
 Rows = Sequence[Mapping[str, Any]]
 RemedyRanker = Callable[[str | None, DiagnosisConfig], list[Remedy]]
@@ -59,18 +60,22 @@ def cut_layers(rows: Rows, config: DiagnosisConfig) -> tuple[list[str], str | No
         The cut-off layers and the output-side-most layer with a positive value.
     """
     for source in ("delta_norm", "grad_norm"):
-        latest = recent(rows, source, 1)
+        latest = recent(rows, source, FLUSH_RECORDS)
         if latest:
             break
     else:
         return [], None
-    cut, last = _cut_in(latest[-1][source], config)
+    cut, last = _cut_in(latest[-1][source], config, [r[source] for r in latest[:-1]])
     if cut and dead_modules(rows, config.window, config.dead_fraction):
         return [], None
     return cut, last
 
 
-def _cut_in(values: Mapping[str, Any], config: DiagnosisConfig) -> tuple[list[str], str | None]:
+def _cut_in(
+    values: Mapping[str, Any],
+    config: DiagnosisConfig,
+    previous: Sequence[Mapping[str, Any]] = (),
+) -> tuple[list[str], str | None]:
     """Zero layers that form the whole input side of the profile (an underflowed product).
 
     Once ``delta_l`` is 0 every delta further back is 0 too (``delta_{l-1} = J^T
@@ -84,7 +89,9 @@ def _cut_in(values: Mapping[str, Any], config: DiagnosisConfig) -> tuple[list[st
     still receives a gradient has at most :data:`UNDERFLOW_NEAR` of the largest one.
     A jump from a normal-sized gradient straight to 0 is one Jacobian that is exactly
     0 (a zero-initialized last layer, whose ``W^T delta`` is 0 until its first
-    update; a layer of dead units), not an underflow.
+    update; a layer of dead units), not an underflow, unless those layers compute in
+    float16 (:func:`float16_flush`) and were 0 on the :data:`FLUSH_RECORDS` ``- 1``
+    ``previous`` records too (oldest first).
     """
     order = [n for n in (config.context.get("layers") or values) if n in values]
     alive = [n for n in order if positive(values.get(n))]
@@ -95,9 +102,29 @@ def _cut_in(values: Mapping[str, Any], config: DiagnosisConfig) -> tuple[list[st
     if zeros != before[: len(zeros)]:
         return [], alive[-1]
     if zeros and values[alive[0]] > UNDERFLOW_NEAR * max(values[n] for n in alive):
-        return [], alive[-1]
+        persistent = len(previous) >= FLUSH_RECORDS - 1 and all(
+            p.get(n) == 0.0 for p in previous[-(FLUSH_RECORDS - 1) :] for n in zeros
+        )
+        if not (persistent and float16_flush(zeros, alive[0], config.context)):
+            return [], alive[-1]
     return zeros, alive[-1]
 
+
+def float16_flush(zeros: Sequence[str], first_alive: str, context: Mapping[str, Any]) -> bool:
+    """Whether the zero gradients are float16's: those layers (or the next) output float16.
+
+    float16's smallest positive value is 6e-8: a delta below it is 0, at once, with
+    no decay through the layers before (the loss itself may be that small). A zero-
+    initialized layer's ``W^T delta`` is 0 too, until its first updates make it large
+    enough, so the caller asks for :data:`FLUSH_RECORDS` records running.
+    """
+    half = context.get("float16_layers") or {}
+    return any(n in half for n in (*zeros, first_alive))
+
+
+#: Records running a float16 layer's gradient must be 0 to count as flushed (a zero-
+#: initialized head under float16 cuts the layers before it for its first two steps).
+FLUSH_RECORDS = 3
 
 #: A gradient that underflows to 0 went through values this far below the largest one:
 #: float16 flushes below 6e-8 (6e-5 in normal numbers), so with output-side gradients
@@ -108,11 +135,15 @@ UNDERFLOW_NEAR = 1e-3
 def _cut_points(rows: Rows, config: DiagnosisConfig) -> dict[int, list[str]]:
     """Row index -> layers cut off at that record (dead units explaining them excluded)."""
     out: dict[int, list[str]] = {}
+    previous: dict[str, list[Mapping[str, Any]]] = {}
     for i, row in enumerate(rows):
         for source in ("delta_norm", "grad_norm"):
             values = row.get(source)
             if values:
-                cut, _ = _cut_in(values, config)
+                earlier = previous.setdefault(source, [])
+                cut, _ = _cut_in(values, config, earlier)
+                earlier.append(values)
+                del earlier[: -(FLUSH_RECORDS - 1)]  # the records the next one looks back on
                 if cut and not dead_modules(rows[: i + 1], config.window, config.dead_fraction):
                     out[i] = cut
                 break
@@ -220,14 +251,25 @@ def gain_finding(
             activation=kind,
             weight_scale=scale,
         )
+    half = bool(cut) and last is not None and float16_flush(cut, last, config.context)
     if cut:
-        sentences.append(
-            f"Layers {', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''} ({len(cut)} in all) "
-            f"receive a gradient of norm 0 while layer {last!r} does not: the chain-rule "
-            "product underflowed (to exactly 0, or to entries too small for a float32 sum "
-            "of squares, about 1e-23)."
+        layers_text = (
+            f"Layers {', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''} ({len(cut)} in all)"
         )
-        evidence.update(total_gain=0.0, zero_gradient_layers=cut)
+        if half:
+            sentences.append(
+                f"{layers_text} receive a gradient of exactly 0 while layer {last!r} does not: "
+                "they compute in float16 (autocast), whose smallest positive value is 6e-8, "
+                "and the gradient flowing back to them is smaller, so it flushed to 0. "
+                "Nothing reaches them until the loss is scaled."
+            )
+        else:
+            sentences.append(
+                f"{layers_text} receive a gradient of norm 0 while layer {last!r} does not: the "
+                "chain-rule product underflowed (to exactly 0, or to entries too small for a "
+                "float32 sum of squares, about 1e-23)."
+            )
+        evidence.update(total_gain=0.0, zero_gradient_layers=cut, float16=half)
     peak = ep.peak_value if ep.peak_value is not None and not math.isnan(ep.peak_value) else None
     if peak is None:
         peak = evidence.get("total_gain", 1.0)
@@ -242,11 +284,27 @@ def gain_finding(
             layers=involved,
             evidence=evidence,
             explanation=" ".join(sentences),
-            remedies=rank(kind, config),
+            remedies=_precision_first(rows, config, rank(kind, config))
+            if half
+            else rank(kind, config),
             step=int(step) if step is not None else None,
             episode=ep,
         )
     ]
+
+
+def _precision_first(rows: Rows, config: DiagnosisConfig, ranked: list[Remedy]) -> list[Remedy]:
+    """Loss scaling ahead of the ranked cures, unless a GradScaler already scales the loss."""
+    if any("loss_scale" in r for r in rows):
+        return ranked
+    devices = set((config.context.get("float16_layers") or {}).values())
+    device = "cuda" if "cuda" in devices or not devices else sorted(devices)[0]
+    scaling = catalog.loss_scaling(
+        "multiplies every gradient by up to 2^16 before the backward pass and divides them "
+        "back before the step, so float16 keeps them",
+        device=device,
+    )
+    return [scaling, *ranked]
 
 
 def _latest_values(rows: Rows) -> Mapping[str, Any]:

@@ -91,6 +91,9 @@ class DeltaProbe(Probe):
         self._held: list[tuple[list[torch.Tensor | None], int, torch.Tensor]] = []
         self._held_numel = 0
         self._forward_hooks: dict[str, Any] = {}
+        #: Layers whose output was float16 on a recorded step (autocast), and its device
+        #: type: their deltas are float16 too, and flush to 0 below 6e-8.
+        self.float16: dict[str, str] = {}
 
     def attach(self, index: LayerIndex) -> None:
         """Remember the layers; hooks go on the measured share once a step is recorded."""
@@ -126,6 +129,8 @@ class DeltaProbe(Probe):
                 out = first_tensor(output)
                 if out is None or not out.requires_grad or out.numel() == 0:
                     return
+                if out.dtype == torch.float16 and name not in self.float16:
+                    self.float16[name] = out.device.type
                 # (max, min): much faster than an inf-norm, and no |out| is allocated. Grad
                 # mode off instead of a detach(): one dispatch less per layer.
                 torch._C._set_grad_enabled(False)

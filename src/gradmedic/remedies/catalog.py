@@ -19,7 +19,14 @@ from typing import TypeVar
 
 from gradmedic.errors import GradmedicError
 from gradmedic.remedies.base import RemedyKind
-from gradmedic.remedies.kinds import clipping, initialization, optimizer, recurrent, structure
+from gradmedic.remedies.kinds import (
+    clipping,
+    initialization,
+    optimizer,
+    precision,
+    recurrent,
+    structure,
+)
 from gradmedic.remedies.registry import get, kind_of, kinds
 
 _K = TypeVar("_K", bound=RemedyKind)
@@ -36,6 +43,7 @@ __all__ = [
     "init_scheme",
     "kind_of",
     "kinds",
+    "loss_scaling",
     "lower_lr",
     "normalization",
     "raise_lr",
@@ -71,3 +79,4 @@ gate_recurrent = _registered(recurrent.GateRecurrent).remedy
 forget_bias = _registered(recurrent.ForgetBias).remedy
 bias_reinit = _registered(initialization.BiasReinit).remedy
 truncate_bptt = _registered(recurrent.TruncateBPTT).remedy
+loss_scaling = _registered(precision.LossScaling).remedy

@@ -12,7 +12,14 @@ from __future__ import annotations
 from gradmedic.errors import GradmedicError
 from gradmedic.findings import Remedy
 from gradmedic.remedies.base import RemedyKind
-from gradmedic.remedies.kinds import clipping, initialization, optimizer, recurrent, structure
+from gradmedic.remedies.kinds import (
+    clipping,
+    initialization,
+    optimizer,
+    precision,
+    recurrent,
+    structure,
+)
 
 BUILTIN: tuple[RemedyKind, ...] = (
     recurrent.GateRecurrent(),
@@ -31,6 +38,7 @@ BUILTIN: tuple[RemedyKind, ...] = (
     clipping.ClipValue(),
     clipping.AutoClipKind(),
     recurrent.TruncateBPTT(),
+    precision.LossScaling(),
 )
 
 _KINDS: dict[str, RemedyKind] = {}
