@@ -74,7 +74,7 @@ def test_candidate_block_with_projection():
 
 def test_recurrent_spectra_sigma_is_fresh_and_rho_refreshes_on_schedule():
     torch.manual_seed(0)
-    m = nn.RNN(3, 16)
+    m = nn.RNN(3, 160)  # above CHEAP_EIG: the costly decomposition waits for its turn
     spectra = RecurrentSpectra(refresh=3)
     sigma0, rho0 = spectra(m, "l0")
     w = m.weight_hh_l0.detach().numpy()
@@ -82,7 +82,7 @@ def test_recurrent_spectra_sigma_is_fresh_and_rho_refreshes_on_schedule():
     assert rho0.item() == pytest.approx(max(abs(np.linalg.eigvals(w))), rel=1e-5)
     assert spectra(m, "l0")[1] is rho0  # unchanged weights: the decomposition stands
     with torch.no_grad():  # the weights change: sigma follows at once, rho on schedule
-        m.weight_hh_l0.add_(0.05 * torch.randn(16, 16))
+        m.weight_hh_l0.add_(0.005 * torch.randn(160, 160))
     sigma, rho = spectra(m, "l0")
     w = m.weight_hh_l0.detach().numpy()
     assert sigma.item() == pytest.approx(np.linalg.norm(w, 2), rel=1e-3)
@@ -90,6 +90,20 @@ def test_recurrent_spectra_sigma_is_fresh_and_rho_refreshes_on_schedule():
     sigma, rho3 = spectra(m, "l0")  # the third: recomputed
     assert sigma.item() == pytest.approx(np.linalg.norm(w, 2), rel=1e-5)
     assert rho3.item() == pytest.approx(max(abs(np.linalg.eigvals(w))), rel=1e-5)
+
+
+def test_a_small_blocks_rho_follows_every_change():
+    # a stale radius beside a fresh sigma_max read 3.0 beside 7e7 after one blown-up step
+    torch.manual_seed(0)
+    m = nn.RNN(3, 16)
+    spectra = RecurrentSpectra(refresh=5)
+    spectra(m, "l0")
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(1e3)
+    sigma, rho = spectra(m, "l0")
+    w = m.weight_hh_l0.detach().numpy()
+    assert rho.item() == pytest.approx(max(abs(np.linalg.eigvals(w))), rel=1e-5)
+    assert rho.item() <= sigma.item() * (1 + 1e-5)
 
 
 def test_recurrent_spectra_recover_from_a_zero_block():

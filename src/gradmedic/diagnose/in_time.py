@@ -164,6 +164,23 @@ def log_gain(back: Sequence[float]) -> float | None:
     return float(math.exp(np.polyfit(k, y, 1)[0]))
 
 
+def cut_in_time(back: Sequence[float]) -> bool:
+    """Whether the gradient reaches the last step and is exactly 0 at every earlier one.
+
+    A saturated tanh (``tanh'`` is 0 in float32 beyond ``|a| > 9``) or a recurrent product
+    that underflowed passes nothing back: no slope to fit, a total gain of 0.
+
+    Example:
+        >>> cut_in_time([0.04, 0.0, 0.0]), cut_in_time([0.04, 0.01, 0.0])
+        (True, False)
+    """
+    return (
+        len(back) > 1
+        and positive(back[0])
+        and all(isinstance(v, int | float) and v == 0.0 for v in back[1:])
+    )
+
+
 def horizon(back: Sequence[float], ratio: float) -> int | None:
     """Steps back until ``v_k < ratio * v_0`` (None if never or ``v_0`` unusable).
 
@@ -204,6 +221,8 @@ def fit_stream(
         return None
     back = processing_order(profile, stream)
     gain = log_gain(back)
+    if gain is None and cut_in_time(back):
+        gain = 0.0  # nothing passes back beyond the first zero: the product is exactly 0
     if gain is None:
         return None
     latest = entries[-1]

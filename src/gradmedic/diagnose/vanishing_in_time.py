@@ -122,12 +122,21 @@ def _sigma_note(fit: TimeFit, why: str = "") -> str:
 def explain(fit: TimeFit, limit: float) -> str:
     """The chain-rule reason with the measured numbers."""
     where = f"{fit.module}" + (f" ({fit.stream})" if fit.stream != "l0" else "")
-    text = (
-        f"In {where}, ||dL/dh_t|| shrinks by a factor {fit.per_step_gain:.3g} per step going "
-        f"back in time (least-squares fit over {fit.seq_len} steps, "
-        f"{sci(fit.total_gain)} across the sequence); "
-    )
-    if fit.horizon is not None:
+    if fit.per_step_gain == 0:  # nothing passes back: no slope to fit
+        text = (
+            f"In {where}, ||dL/dh_t|| is exactly 0 at every one of the {fit.seq_len - 1} steps "
+            "before the last: no gradient passes back through time at all, and only the last "
+            "input affects the weight gradient. "
+        )
+    else:
+        text = (
+            f"In {where}, ||dL/dh_t|| shrinks by a factor {fit.per_step_gain:.3g} per step "
+            f"going back in time (least-squares fit over {fit.seq_len} steps, "
+            f"{sci(fit.total_gain)} across the sequence); "
+        )
+    if fit.per_step_gain == 0:
+        pass
+    elif fit.horizon is not None:
         text += (
             f"it falls below {sci(limit)} of its last-step value after {fit.horizon} steps, "
             f"so inputs further back barely affect the weight gradient. "
@@ -149,7 +158,13 @@ def explain(fit: TimeFit, limit: float) -> str:
         else:
             text += (
                 f"sigma_max(W_hh) = {sigma:.3g} >= 1/gamma, so the decay comes from the "
-                f"activation's slope (saturation, spectral radius {rho:.3g}), not from W_hh alone."
+                f"activation's slope (saturation, spectral radius {rho:.3g}), not from W_hh alone"
+            )
+            text += (
+                f": {fit.nonlinearity}' is exactly 0 in float32 once |a_t| > 9, which weights "
+                "this large reach on every unit."
+                if fit.per_step_gain == 0 and sigma > 10
+                else "."
             )
     elif fit.kind == "lstm":
         f = fit.gates.get("forget_gate_mean")
