@@ -113,9 +113,11 @@ def first_bad(rows: Rows, config: DiagnosisConfig) -> tuple[int, str] | None:
         hits.append((rising.index, f"loss risen {rising.ratio:.3g}x over its low"))
     limit, r2, step_gain = config.exploding_gain, config.geometric_r2, config.exploding_step_gain
     layers = config.context.get("layers")
-    depth = next(
-        (p for p in gain_series(rows, 1, layers) if p.total_gain > limit and p.r2 >= r2), None
-    )
+    # as the exploding detector counts them: over its window, or one record far beyond
+    severe = 10.0**config.severe_gain_decades
+    crossed = [p for p in gain_series(rows, config.window, layers) if p.total_gain > limit]
+    crossed += [p for p in gain_series(rows, 1, layers) if p.total_gain > severe]
+    depth = min((p for p in crossed if p.r2 >= r2), key=lambda p: p.index, default=None)
     if depth is not None:
         hits.append((depth.index, f"gradient exploding through depth ({sci(depth.total_gain)}x)"))
     for points in fit_series(rows, config, 1).values():
