@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmedic.layers import following_activations, is_activation
+from gradmedic.layers import following_activations, is_activation, weight_of
 from gradmedic.optimizer_facts import optimizer_facts
 
 _MISSING: Any = object()
@@ -136,7 +136,7 @@ def model_context(
     sizes: dict[str, tuple[int, int]] = {}
     for name in layers:
         module = modules.get(name)
-        weight = getattr(module, "weight", None)
+        weight = weight_of(module)
         fan_in = fan_in_of(module, weight)
         if fan_in is not None and isinstance(weight, torch.Tensor) and weight.numel() > 1:
             scales[name] = float(weight.detach().float().std() * math.sqrt(fan_in))

@@ -152,13 +152,33 @@ class ModuleHooks:
         guard.ids.add(handle.id)
 
 
+def recomputing() -> bool:
+    """Whether this forward is a non-reentrant ``torch.utils.checkpoint`` recomputation.
+
+    During backward the checkpoint reruns the checkpointed forward, with its module hooks,
+    to rebuild the tensors it did not save: no new forward to measure (it would be counted
+    twice), and a hook saving a tensor there breaks the recomputation's count. A reentrant
+    checkpoint's rerun is measured: its first forward ran without grad, unmeasured.
+    """
+    if _graph_task_id() == -1:  # not inside a backward pass: one C call, the common case
+        return False
+    top = _top_saved_hooks(False)
+    return top is not None and "_recomputation_hook" in getattr(top[0], "__qualname__", "")
+
+
+_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_top_saved_hooks: Callable[[bool], Any] = getattr(
+    torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None
+)
+
+
 def _eager(hook: Callable[..., None]) -> Callable[..., None]:
     failed = False
 
     @functools.wraps(hook)
     def run(*args: Any, **kwargs: Any) -> None:
         nonlocal failed
-        if compiling() or failed:
+        if compiling() or failed or recomputing():
             return None
         try:
             hook(*args, **kwargs)

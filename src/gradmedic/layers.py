@@ -160,3 +160,29 @@ def following_activations(model: nn.Module, layer_names: list[str]) -> dict[str,
             out[current] = type(module).__name__
             current = None
     return out
+
+
+def weight_of(module: nn.Module | None) -> torch.Tensor | None:
+    """``module.weight``, read without side effects (None when it has none).
+
+    A parametrized weight (``nn.utils.parametrizations``) is computed on every read, and
+    ``spectral_norm`` in training mode advances its power iteration (its ``_u``, ``_v``
+    buffers) when read: the training would then depend on whether it was watched. Its
+    parametrizations are read in eval mode, which only uses their state.
+    """
+    if module is None:
+        return None
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    if not isinstance(plist, nn.ModuleList):
+        weight = getattr(module, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+    modes = [(m, m.training) for m in plist.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        with torch.no_grad():
+            weight = module.weight
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return weight if isinstance(weight, torch.Tensor) else None

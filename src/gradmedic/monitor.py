@@ -165,6 +165,11 @@ class Monitor:
         self.closed = False
         self.skipped = 0  # iterations whose step the optimizer skipped (GradScaler: inf)
         self.unstepped = 0  # backward passes no step of this monitor's followed (not steps)
+        #: Parameters the optimizer steps that were added after watch() (not watched).
+        self.unwatched: tuple[str, ...] = ()
+        self._stepped_count = (
+            sum(len(g["params"]) for g in optimizer.param_groups) if optimizer else 0
+        )
         self._recorded = 0
         self._backward_done = False
         #: log of the running level of recorded global norms (a device tensor; NaN: none yet).
@@ -344,6 +349,7 @@ class Monitor:
             "records": self.history.total,
             "skipped_steps": self.skipped,
             "unstepped_backwards": self.unstepped,
+            "unwatched_params": list(self.unwatched),
             "probes": [p.name for p in self.probes],
             "disabled": self.disabled,
             "closed": self.closed,
@@ -445,6 +451,7 @@ class Monitor:
         self._pre_ran = True
         if not self._recording():
             return None
+        self._guarded(self._check_new_params)
         scaler = _calling_grad_scaler()
         self._loss_scale = _scale_of(scaler)
         if self._loss_scale is not None:
@@ -460,6 +467,26 @@ class Monitor:
             return (args[0], wrapped, *args[2:]), kwargs
         self._grads_ready()
         return None
+
+    def _check_new_params(self) -> None:
+        """Say once when the optimizer steps parameters added after watch() (unwatched)."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        count = sum(len(g["params"]) for g in groups)
+        if count == self._stepped_count:
+            return
+        self._stepped_count = count
+        own = {id(p) for p in self.index.params}
+        new = [p for g in groups for p in g["params"] if id(p) not in own and p.requires_grad]
+        if not new:
+            return
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.unwatched = tuple(names.get(id(p), f"<parameter {tuple(p.shape)}>") for p in new)
+        self._warn_once(
+            "unwatched",
+            f"gradmedic: the optimizer now steps {len(new)} parameter(s) added after watch() "
+            f"({', '.join(self.unwatched[:3])}{', ...' if len(new) > 3 else ''}); the monitor "
+            "does not watch them: close() it and watch() the model again to include them",
+        )
 
     def _after_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         done = False

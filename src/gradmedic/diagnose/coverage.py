@@ -244,4 +244,11 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             f"Nothing to diagnose: {cov.steps} record(s) but none holds a gradient statistic, "
             "a loss or an update ratio (no parameter received a gradient, or every probe is off)."
         ]
+    unwatched = list(monitor.get("unwatched_params") or ())
+    if unwatched:
+        return [
+            f"{len(unwatched)} parameter(s) the optimizer steps were added after watch() "
+            f"({elided(unwatched)}) and are not watched: this diagnosis does not cover them "
+            "(close() the monitor and watch() the model again)."
+        ]
     return []

@@ -72,11 +72,17 @@ def slope(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     closed = _CLOSED.get(type(module).__name__)
     if closed is not None:
         return closed(x, y)
-    with torch.enable_grad():
+    # Our own (identity) saved-tensor hooks on top: what this small graph saves is none
+    # of an enclosing torch.utils.checkpoint's business, whose count it would change.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
         leaf = x.detach().requires_grad_(True)
         out = module.forward(leaf.clone())  # forward() skips hooks; clone allows in-place kinds
         (grad,) = torch.autograd.grad(out.sum(), leaf)
     return grad
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def max_slope(module: nn.Module) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gradmedic.layers import LayerIndex
+from gradmedic.layers import LayerIndex, weight_of
 from gradmedic.probes.base import Probe
 from gradmedic.probes.spectra import PowerState, spectral_norm
 from gradmedic.record import NamedVector
@@ -51,7 +51,7 @@ class WeightSpectraProbe(Probe):
         names, values = [], []
         with torch.no_grad():
             for layer in self._index:
-                w = getattr(layer.module, "weight", None)
+                w = weight_of(layer.module)
                 if not isinstance(w, torch.Tensor) or w.dim() < 2:
                     continue
                 state = self._states.setdefault(layer.name, PowerState())
