@@ -67,12 +67,23 @@ class LayerIndex:
         self._segment_cache: dict[tuple, tuple[tuple[str, ...], torch.Tensor]] = {}
 
     def set_forward_order(self, names_in_order: list[str]) -> None:
-        """Reorder layers by observed forward completion; unseen layers keep their place after."""
+        """Reorder layers by observed forward completion.
+
+        A layer that did not run (a mixture's expert no token was routed to, a branch
+        not taken) goes right after the layer registered before it, not after the
+        output layer: depth profiles read the order as input side to output side.
+        """
         rank = {n: i for i, n in enumerate(names_in_order)}
-        big = len(rank)
-        self.layers.sort(
-            key=lambda layer: (rank.get(layer.name, big), self.names.index(layer.name))
+        placed = sorted(
+            (layer for layer in self.layers if layer.name in rank), key=lambda la: rank[la.name]
         )
+        previous: Layer | None = None
+        for layer in self.layers:  # the current (registration) order
+            if layer.name not in rank:
+                at = placed.index(previous) + 1 if previous is not None else 0
+                placed.insert(at, layer)
+            previous = layer
+        self.layers[:] = placed
         self._rebuild()
 
     def segments(

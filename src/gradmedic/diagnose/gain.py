@@ -122,6 +122,12 @@ def float16_flush(zeros: Sequence[str], first_alive: str, context: Mapping[str, 
     return any(n in half for n in (*zeros, first_alive))
 
 
+#: The measured ratio of the two ends of the profile must cross ``threshold**END_SHARE`` too
+#: (31x for 1e3): a chain's ends carry its fitted gain, while parallel branches fitted as
+#: if chained (a mixture of experts: a rarely routed expert's delta is tiny) do not
+#: (a healthy MoE fitted 1e5 with its input and head 6x apart).
+END_SHARE = 0.5
+
 #: Records running a float16 layer's gradient must be 0 to count as flushed (a zero-
 #: initialized head under float16 cuts the layers before it for its first two steps).
 FLUSH_RECORDS = 3
@@ -173,6 +179,12 @@ def gain_finding(
     def crosses(total: float) -> bool:
         return total < limit if vanishing else total > limit
 
+    def through(fit: Any) -> bool:
+        """The fitted gain crosses, and the two ends measure most of it (see ``END_SHARE``)."""
+        end = limit**END_SHARE
+        agrees = fit.end_ratio < end if vanishing else fit.end_ratio > end
+        return crosses(fit.total_gain) and fit.r2 >= config.geometric_r2 and agrees
+
     windowed = gain_series(rows, config.window, layers)
     single = {p.index: p for p in gain_series(rows, 1, layers)}
     cuts = _cut_points(rows, config) if vanishing else {}
@@ -185,14 +197,9 @@ def gain_finding(
         last_usable = -1  # the run simply ended: the window decides
     for i in indices:
         w = by_index.get(i)
-        crossed = w is not None and crosses(w.total_gain) and w.r2 >= config.geometric_r2
+        crossed = w is not None and through(w)
         one = single.get(i)
-        if (
-            not crossed
-            and one is not None
-            and crosses(one.total_gain)
-            and one.r2 >= config.geometric_r2
-        ):
+        if not crossed and one is not None and through(one):
             # A record alone counts when it is beyond the severe threshold (no healthy
             # batch measures six decades from 1) or when no later record can outvote it
             # because the run turned non-finite right after (the explosion before a NaN).
@@ -211,7 +218,7 @@ def gain_finding(
     last = _cut_in(_latest_values(upto), config)[1] if cut else None
 
     def crossed_by(f: Any) -> bool:
-        return f is not None and crosses(f.total_gain) and f.r2 >= config.geometric_r2
+        return f is not None and through(f)
 
     if not crossed_by(fit) and not cut:
         fit = fit_gain(upto[-1:], 1, layers)  # the record that counted alone

@@ -144,6 +144,8 @@ class GainPoint:
     total_gain: float
     r2: float
     layers: int
+    #: The input-side-most layer's value over the output-side-most one's (measured).
+    end_ratio: float = 1.0
 
 
 def profile_source(rows: Rows) -> str | None:
@@ -199,6 +201,7 @@ def gain_series(rows: Rows, window: int, layers: Sequence[str] | None = None) ->
                 total_gain=_pow10(-slope * float(xs[-1] - xs[0])),
                 r2=r2,
                 layers=len(xs),
+                end_ratio=_pow10(float(ys[0] - ys[-1])),
             )
         )
     return out
