@@ -26,7 +26,19 @@ def make_remedies(rows: Rows) -> Any:
 
     def rank(kind: str | None, config: DiagnosisConfig) -> list[Remedy]:
         scheme = "xavier" if kind in {"Sigmoid", "Tanh", "Softsign", "Hardtanh"} else "he"
-        out = [catalog.init_scheme(scheme, "brings each layer's gain |w| * phi' back to ~1 (R4)")]
+        out = []
+        if (config.context.get("structure") or {}).get("residual"):
+            # a residual block multiplies by I + J_f: a per-layer init does not bound it
+            out.append(
+                catalog.init_scheme(
+                    "residual_zero",
+                    "each block x + f(x) starts as the identity, so the stack no longer "
+                    "multiplies the gradient at every block (R1, R4)",
+                )
+            )
+        out.append(
+            catalog.init_scheme(scheme, "brings each layer's gain |w| * phi' back to ~1 (R4)")
+        )
         s = suggested(rows, config)
         if s.clip_norm is not None:
             out.append(

@@ -46,13 +46,26 @@ def suspects(origin: str, context: Mapping[str, Any], exact: str | None = None) 
     layers = set(context.get("layers") or [])
     if origin not in order or not layers:
         return []
+    containers = {name.rsplit(".", k)[0] for name in layers for k in range(1, name.count(".") + 1)}
     i = order.index(origin)
     between: list[str] = []
     for name in reversed(order[:i]):
         if name in layers:
             break
-        between.append(name)
+        if name and name not in containers:  # a block holding layers finishes after them
+            between.append(name)
     return list(reversed(between))
+
+
+def _unmeasured_before(
+    layer: str | None, row: Mapping[str, Any], context: Mapping[str, Any]
+) -> list[str]:
+    """Layers run before ``layer`` whose output this record did not measure (rotation)."""
+    layers = list(context.get("layers") or [])
+    outputs = row.get("output_max") or {}
+    if layer is None or layer not in layers or not outputs:
+        return []
+    return [n for n in layers[: layers.index(layer)] if n not in outputs]
 
 
 def after(layer: str | None, context: Mapping[str, Any]) -> list[str]:
@@ -154,7 +167,10 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
     step = step if step is not None else row.get("step")
     exact = row.get("nonfinite_module")
     overflow = ""
+    unmeasured = _unmeasured_before(layer, row, config.context) if where == "forward" else []
     named = suspects(layer, config.context, exact) if layer and where == "forward" else []
+    if unmeasured and not exact:
+        named = []  # what ran between is unknown: an unmeasured layer may have made it
     if named and layer and not exact and _finite_input(layer, named, row, config.context):
         named = []
         overflow = (
@@ -180,6 +196,12 @@ def detect(rows: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> list[F
             )
         elif overflow:
             text += f"; {overflow}"
+        elif unmeasured and not exact:
+            text += (
+                f" among the layers measured at that step ({len(unmeasured)} layers before it "
+                "were not: deep models have their layers measured in turn), so one of those "
+                "may have made it"
+            )
         elif where == "forward" and layer == next(iter(config.context.get("layers") or []), None):
             text += "; no layer runs before it, so check the input batch for NaN/Inf"
         text += ". Every later layer and every gradient computed from it is NaN/Inf too."

@@ -14,6 +14,11 @@ what it changed. Schemes (claim R4):
 - ``"lsuv"``: Mishkin & Matas 2016, orthogonal, then each layer in forward order is
   rescaled until its output variance on ``data`` is within ``tol`` of 1.
 - ``"bias"``: set the biases of Linear/Conv layers to ``value`` (revives dead ReLUs, R3).
+- ``"residual_zero"``: zero the last Linear/Conv layer of every residual block
+  (SkipInit, De & Smith 2020; the zero-init of Fixup and of torchvision's
+  ``zero_init_residual``): each block ``x + f(x)`` starts as the identity, so a deep
+  residual stack without normalization no longer multiplies its signal and its
+  gradient at every block. Nothing else changes.
 
 Recurrent weights (``weight_ih``/``weight_hh`` of nn.RNN/LSTM/GRU and their cells) are
 initialized one gate block at a time, so each gate's square ``H x H`` recurrent block is
@@ -45,6 +50,7 @@ SCHEMES = (
     "lecun",
     "lsuv",
     "bias",
+    "residual_zero",
 )
 
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.RNNCellBase)
@@ -116,6 +122,8 @@ def apply(
     targets = [(n or "<root>", m) for n, m in model.named_modules() if isinstance(m, _LAYERS)]
     if scheme == "bias":
         return _set_bias(targets, value)
+    if scheme == "residual_zero":
+        return _zero_residual_branches(model)
     if not targets:
         raise GradmedicError(
             "the model has no Linear, Conv or RNN/LSTM/GRU layer to initialize; "
@@ -269,6 +277,43 @@ def _set_bias(targets: Sequence[tuple[str, nn.Module]], value: float | None) -> 
                 report.gains[name] = float(value)
     if not report.layers:
         raise GradmedicError("init scheme 'bias' found no Linear/Conv layer with a bias")
+    return report
+
+
+def residual_branch_ends(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The last Linear/Conv layer (registration order) inside each residual block."""
+    from gradmedic.context import structure
+
+    blocks = set(structure(model)["residual"])
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if (name or type(module).__name__) not in blocks:
+            continue
+        inner = [
+            (f"{name}.{n}" if name else n, m)
+            for n, m in module.named_modules()
+            if n and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        ]
+        if inner:
+            out.setdefault(*inner[-1])
+    return list(out.items())
+
+
+def _zero_residual_branches(model: nn.Module) -> InitReport:
+    ends = residual_branch_ends(model)
+    if not ends:
+        raise GradmedicError(
+            "init scheme 'residual_zero' found no residual block (a module whose forward "
+            "adds a submodule's output to its input) with a Linear/Conv layer in it"
+        )
+    report = InitReport("residual_zero")
+    with torch.no_grad():
+        for name, module in ends:
+            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                if isinstance(param, torch.Tensor):
+                    param.zero_()
+            report.layers.append(name)
+            report.gains[name] = 0.0
     return report
 
 

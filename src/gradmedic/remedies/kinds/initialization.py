@@ -11,13 +11,14 @@ from gradmedic.findings import Remedy
 from gradmedic.remedies import init
 from gradmedic.remedies.base import RemedyKind
 
-SCHEMES = ("he", "xavier", "orthogonal", "lecun", "lsuv")
+SCHEMES = ("he", "xavier", "orthogonal", "lecun", "lsuv", "residual_zero")
 _TEXT = {
     "he": "He (Kaiming) initialization: variance 2/fan_in keeps ReLU signals at constant size",
     "xavier": "Xavier (Glorot) initialization: variance 2/(fan_in+fan_out), for tanh",
     "orthogonal": "Orthogonal initialization: singular values 1, the Jacobian preserves norms",
     "lecun": "LeCun initialization: variance 1/fan_in",
     "lsuv": "LSUV: data-driven init scaling each layer until its output variance is 1",
+    "residual_zero": "Zero-initialize the last layer of every residual block (SkipInit)",
 }
 
 
@@ -26,7 +27,7 @@ class InitScheme(RemedyKind):
 
     name, pattern, default_args = "init_scheme", r"\w+_init", tuple((s,) for s in SCHEMES)
     stage, group, where = 4, "init", "model"
-    summary = "re-initialize the weights: He, Xavier, orthogonal, LeCun or LSUV"
+    summary = "re-initialize the weights: He, Xavier, orthogonal, LeCun, LSUV or residual zero"
 
     def remedy(self, scheme: str, why: str = "") -> Remedy:
         """Re-initialize weights with ``scheme`` ('he', 'xavier', 'orthogonal', 'lecun', 'lsuv')."""
@@ -37,6 +38,11 @@ class InitScheme(RemedyKind):
         )
         text = _TEXT.get(scheme, f"{scheme} initialization")
         return self.build(text, why, call, f"{scheme}_init", scheme=scheme)
+
+    def defaults(self, model: nn.Module) -> list[Remedy]:
+        """Every scheme, ``residual_zero`` only for a model with residual blocks."""
+        ends = init.residual_branch_ends(model)
+        return [self.remedy(s) for (s,) in self.default_args if s != "residual_zero" or ends]
 
     def apply(self, model: nn.Module, remedy: Remedy, batch: torch.Tensor) -> nn.Module:
         """``model``, re-initialized in place (LSUV scales on ``batch``)."""
