@@ -340,6 +340,9 @@ class Monitor:
         }
         if half:
             context["float16_layers"] = half  # layer -> device type
+        packed = sorted(n for p in self.probes for n in getattr(p, "packed", ()))
+        if packed:
+            context["packed_recurrent"] = packed
         return diagnose_rows(self.history.rows(), config, layers=self.layers, context=context)
 
     def coverage(self) -> dict[str, Any]:

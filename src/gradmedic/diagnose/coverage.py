@@ -90,6 +90,10 @@ def coverage(rows: Rows, skipped: int, context: Mapping[str, Any]) -> Coverage:
         if needs.keys == ("recurrent",) and "recurrent" in structure and not structure["recurrent"]:
             continue  # no recurrent module: nothing to check over time
         not_checked[problem.value] = needs.why
+        if needs.keys == ("recurrent",) and context.get("packed_recurrent"):
+            not_checked[problem.value] = _PACKED.format(
+                ", ".join(repr(n) for n in context["packed_recurrent"])
+            )
     notes: list[str] = []
     losses = [v for r in rows if (v := _num(r.get("loss"))) is not None]
     if losses and min(losses) <= 0 and Problem.DIVERGENCE.value not in not_checked:
@@ -134,6 +138,12 @@ _RECORDS_AT_STEP = (
     "monitor.step(loss=loss) after each loss.backward() (or pass the optimizer to watch())."
 )
 
+
+#: Why the gradient through time was not checked when the recurrent modules ran on packed input.
+_PACKED = (
+    "{} ran on a PackedSequence, whose per-step gradient gradmedic does not measure: the "
+    "gradient through time was not checked (a padded tensor batch instead is measured)"
+)
 
 #: Records before layers that never got a gradient are called out (a run, not one step).
 _UNREACHED_RECORDS = 3
@@ -244,6 +254,11 @@ def warnings_for(cov: Coverage, context: Mapping[str, Any]) -> list[str]:
             f"Nothing to diagnose: {cov.steps} record(s) but none holds a gradient statistic, "
             "a loss or an update ratio (no parameter received a gradient, or every probe is off)."
         ]
+    packed = [
+        why for p, why in cov.not_checked.items() if p.endswith("_in_time") and "Packed" in why
+    ]
+    if packed:
+        return [f"Not checked: {packed[0]}."]
     unwatched = list(monitor.get("unwatched_params") or ())
     if unwatched:
         return [

@@ -155,6 +155,13 @@ def explain(fit: TimeFit, limit: float) -> str:
                 f"sigma_max(W_hh) = {sigma:.3g} < 1/gamma = {1 / gamma:g} is sufficient for "
                 "vanishing (Pascanu et al. 2013)."
             )
+        elif rho is not None and rho < 1 and fit.per_step_gain > 0:
+            text += (
+                f"sigma_max(W_hh) = {sigma:.3g} >= 1/gamma does not bound it below 1, but over "
+                f"many steps the product shrinks at W_hh's spectral radius rho = {rho:.3g} < 1 "
+                f"per step (measured {fit.per_step_gain:.3g}): the decay comes from W_hh "
+                "(Pascanu et al. 2013)."
+            )
         else:
             text += (
                 f"sigma_max(W_hh) = {sigma:.3g} >= 1/gamma, so the decay comes from the "

@@ -147,6 +147,8 @@ class RecurrentProbe(Probe):
         self._recording = True
         self._step = 0
         self._warned: set[str] = set()
+        #: Recurrent modules that ran on a PackedSequence (their profile is not measured).
+        self.packed: set[str] = set()
 
     # ---- Probe interface -------------------------------------------------
     def attach(self, index: LayerIndex) -> None:
@@ -215,7 +217,8 @@ class RecurrentProbe(Probe):
         x: Any = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         if isinstance(x, PackedSequence):
-            self._warn(key, f"recurrent probe: {key!r} got a PackedSequence; not measured")
+            self.packed.add(key)
+            self._warn(key, f"gradmedic: {key!r} ran on a PackedSequence, whose gradient through time is not measured")
             return
         out, state = output
         h_n, c_n = state if isinstance(state, tuple) else (state, None)
