@@ -218,7 +218,10 @@ class RecurrentProbe(Probe):
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         if isinstance(x, PackedSequence):
             self.packed.add(key)
-            self._warn(key, f"gradmedic: {key!r} ran on a PackedSequence, whose gradient through time is not measured")
+            self._warn(
+                key,
+                f"gradmedic: {key!r} ran on a PackedSequence, whose gradient through time is not measured",
+            )
             return
         out, state = output
         h_n, c_n = state if isinstance(state, tuple) else (state, None)
