@@ -37,6 +37,7 @@ from gradmedic.passes import PassWatch
 from gradmedic.probes.base import Probe
 from gradmedic.probes.deltas import DeltaProbe
 from gradmedic.probes.gradients import GradientProbe
+from gradmedic.probes.lr_jump import LrJumpBound
 from gradmedic.probes.updates import UPDATE_KEYS, UpdateProbe
 from gradmedic.record import LazyRecord, NamedVector
 from gradmedic.sharding import (
@@ -165,6 +166,7 @@ class Monitor:
         self.closed = False
         self.skipped = 0  # iterations whose step the optimizer skipped (GradScaler: inf)
         self.unstepped = 0  # backward passes no step of this monitor's followed (not steps)
+        self._lr_jump = LrJumpBound()
         #: Parameters the optimizer steps that were added after watch() (not watched).
         self.unwatched: tuple[str, ...] = ()
         self._stepped_count = (
@@ -512,6 +514,8 @@ class Monitor:
         self._guarded(self._track_norm_level)
 
     def _before_update(self) -> None:
+        if self.optimizer is not None and self._updates is not None:
+            self._lr_jump.before(self.optimizer, self.index)
         keep = self._samples_updates()
         if self._updates is not None and keep is not False:
             self._updates.before(keep, advance=keep is True)
@@ -636,6 +640,7 @@ class Monitor:
         if data is not None and not self.disabled:
             if self._updates is not None:
                 data.update(self._updates.collect(self.steps))
+                data.update(self._lr_jump.after(self.index))
             if self._loss is not None:
                 data["loss"] = self._loss
             clip = _clip_field(self._clip, data)

@@ -140,8 +140,14 @@ def zero_started(rows: Rows) -> dict[str, int]:
     return out
 
 
-def ratios(row: Mapping[str, Any], index: int, zero: Mapping[str, int]) -> dict[str, float]:
+def ratios(
+    row: Mapping[str, Any], index: int, zero: Mapping[str, int], bounds: bool = False
+) -> dict[str, float]:
     """The record's update ratios without the layers set aside as zero-initialized.
+
+    ``bounds``: also the lower bounds read on a step whose learning rate jumped
+    (``update_ratio_bound``), where they exceed the measured ratio (spikes only: a lower
+    bound says nothing about steps too small).
 
     A non-finite ratio on a record whose gradients are already non-finite (a NaN
     batch, a NaN made in the forward pass) says nothing about the step size: it is
@@ -156,6 +162,11 @@ def ratios(row: Mapping[str, Any], index: int, zero: Mapping[str, int]) -> dict[
         x = _num(v)
         if x is not None and not (bad_grads and not math.isfinite(x)):
             out[name] = x
+    for name, v in (row.get("update_ratio_bound") or {}).items() if bounds else ():
+        x = _num(v)
+        if x is not None and math.isfinite(x) and x > out.get(name, -math.inf):
+            if not (name in zero and index >= zero[name]):
+                out[name] = x
     return out
 
 
@@ -185,12 +196,15 @@ class RatioPoint:
     ratios: Mapping[str, float]
 
 
-def ratio_points(rows: Rows) -> list[RatioPoint]:
-    """One point per record with update ratios left after setting zero-init layers aside."""
+def ratio_points(rows: Rows, bounds: bool = False) -> list[RatioPoint]:
+    """One point per record with update ratios left after setting zero-init layers aside.
+
+    ``bounds``: with the lower bounds of jumped-lr steps (see :func:`ratios`).
+    """
     zero = zero_started(rows)
     out = []
     for i, row in enumerate(rows):
-        judged = ratios(row, i, zero)
+        judged = ratios(row, i, zero, bounds)
         if judged:
             name, value = largest(judged)
             out.append(RatioPoint(i, row_step(row, i), name, value, judged))

@@ -97,7 +97,7 @@ def first_unstable(rows: Rows, config: DiagnosisConfig) -> tuple[int, str, str, 
 )
 def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     """The run's episode of update ratios that spike or stay high (see DiagnosisConfig)."""
-    points = ratio_points(rows)
+    points = ratio_points(rows, bounds=True)
     verdicts = judge(points, config)
     marks = [
         Point(p.index, p.step, rule is not None, p.value)
@@ -113,8 +113,15 @@ def detect(rows: Rows, config: DiagnosisConfig) -> list[Finding]:
     step = row.get("step")
     layer = first.layer
     if rule == "spike":
+        bounded = (row.get("update_ratio_bound") or {}).get(layer) == value
+        by = (
+            f"by at least {value:.2g} of its own norm (its norm changed that much: the learning "
+            "rate jumped at that step)"
+            if bounded
+            else f"by {value:.2g} of its own norm"
+        )
         what = (
-            f"At step {step} the optimizer changed layer {layer!r} by {value:.2g} of its own norm "
+            f"At step {step} the optimizer changed layer {layer!r} {by} "
             f"(||dw||/||w|| >= {config.update_ratio_spike:g})"
         )
     else:

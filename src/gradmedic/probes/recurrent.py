@@ -220,7 +220,8 @@ class RecurrentProbe(Probe):
             self.packed.add(key)
             self._warn(
                 key,
-                f"gradmedic: {key!r} ran on a PackedSequence, whose gradient through time is not measured",
+                f"gradmedic: {key!r} ran on a PackedSequence, whose gradient through time "
+                "is not measured",
             )
             return
         out, state = output
