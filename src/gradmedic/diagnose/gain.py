@@ -238,7 +238,21 @@ def gain_finding(
         scale = typical_weight_scale(inner, config.context)
         what = "gradient (dL/d output)" if fit.source == "delta_norm" else "weight gradient"
         kind_word = f"{kind} " if kind and kinds.count(kind) * 2 > len(inner) else ""
-    if fit is not None and (crossed or not cut):
+    jump = one_jump(fit) if fit is not None and (crossed or not cut) else None
+    if jump is not None and fit is not None:
+        below, above, factor = jump
+        sentences.append(
+            f"The {what} changes by {sci(factor)} in one place, going back from layer "
+            f"{above!r} to layer {below!r}, and by little across the other "
+            f"{len(fit.layers) - 2} steps of the profile: layer {fit.layers[0]!r} receives "
+            f"{sci(fit.end_ratio)} {'of' if vanishing else 'times'} the {what} of layer "
+            f"{fit.layers[-1]!r}. One Jacobian does it, not a product through depth: whatever "
+            f"runs between {below!r} and {above!r} (a constant scale, a near-zero weight or "
+            "gate, an operation in forward) multiplies the gradient by that factor, and a "
+            "per-layer init does not change it."
+        )
+        evidence.update(jump_between=[below, above], jump_factor=factor)
+    elif fit is not None and (crossed or not cut):
         sentences.append(
             f"Going back from layer {fit.layers[-1]!r} toward the input, each of the "
             f"{len(fit.layers) - 1} {kind_word}layers multiplies the {what} by about "
@@ -291,13 +305,52 @@ def gain_finding(
             layers=involved,
             evidence=evidence,
             explanation=" ".join(sentences),
-            remedies=_precision_first(rows, config, rank(kind, config))
-            if half
-            else rank(kind, config),
+            remedies=_remedies(rows, config, rank(kind, config), half, jump),
             step=int(step) if step is not None else None,
             episode=ep,
         )
     ]
+
+
+def one_jump(fit: Any) -> tuple[str, str, float] | None:
+    """``(layer, next layer, factor)`` when one step of the profile makes most of its gain.
+
+    A chain through depth shrinks or grows a little at every layer; a profile where one
+    adjacent pair differs by at least :data:`JUMP_DECADES` and carries at least
+    :data:`JUMP_SHARE` of the end-to-end change in decades is one Jacobian's doing.
+    """
+    values = list(fit.values)
+    if len(values) < 3 or not all(v > 0 for v in values):
+        return None
+    logs = [math.log10(v) for v in values]
+    total = logs[0] - logs[-1]
+    steps = [logs[k] - logs[k + 1] for k in range(len(logs) - 1)]
+    k = max(range(len(steps)), key=lambda j: abs(steps[j]))
+    big = steps[k]
+    if abs(big) < JUMP_DECADES or big * total <= 0 or abs(big) < JUMP_SHARE * abs(total):
+        return None
+    return fit.layers[k], fit.layers[k + 1], 10.0**big
+
+
+#: One adjacent step of a depth profile this many decades or more ...
+JUMP_DECADES = 2.0
+#: ... making at least this share of the end-to-end change is one Jacobian, not a chain.
+JUMP_SHARE = 0.8
+
+
+def _remedies(
+    rows: Rows,
+    config: DiagnosisConfig,
+    ranked: list[Remedy],
+    half: bool,
+    jump: tuple[str, str, float] | None,
+) -> list[Remedy]:
+    """The ranked cures; loss scaling first for float16; no re-init for one layer's factor."""
+    if half:
+        return _precision_first(rows, config, ranked)
+    if jump is not None:  # a per-layer rescaling does not undo one operation's factor
+        return [r for r in ranked if catalog.kind_of(r).name != "init_scheme"]
+    return ranked
 
 
 def _precision_first(rows: Rows, config: DiagnosisConfig, ranked: list[Remedy]) -> list[Remedy]:
