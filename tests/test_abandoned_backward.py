@@ -45,11 +45,13 @@ def test_a_gan_discriminator_counts_only_its_own_steps() -> None:
     assert [r["step"] for r in mon_g.history.rows()] == list(range(6))
 
 
-def _fp16_loop(steps: int, blow_up_at: set[int], init_scale: float) -> tuple:
+def _fp16_loop(
+    steps: int, blow_up_at: set[int], init_scale: float, growth_interval: int = 2000
+) -> tuple:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
     x, y = torch.randn(64, 16), torch.randn(64, 1)
     scales = []
     with gradmedic.watch(model, opt) as mon:
@@ -74,6 +76,15 @@ def test_a_scaler_skip_after_good_steps_is_a_skipped_step() -> None:
     assert [r["step"] for r in rows] == list(range(6))
     assert [bool(r.get("skipped")) for r in rows] == [False, False, False, True, False, False]
     assert mon.skipped == 1
+
+
+def test_a_skip_right_after_the_scale_grew_is_a_skipped_step() -> None:
+    # the scale doubles every step, then an overflow halves it back to the last record's
+    mon, scales = _fp16_loop(6, {3}, init_scale=2.0**8, growth_interval=1)
+    assert scales[:4] == [512.0, 1024.0, 2048.0, 1024.0]
+    rows = mon.history.rows()
+    assert [r["step"] for r in rows] == list(range(6))
+    assert [bool(r.get("skipped")) for r in rows] == [False, False, False, True, False, False]
 
 
 def test_the_last_skipped_step_is_recorded_at_close() -> None:

@@ -86,3 +86,19 @@ def test_a_zero_initialized_head_under_float16_is_no_finding() -> None:
     rows = mon.history.rows()
     assert rows[0]["grad_norm"]["0"] == 0.0 and rows[-1]["grad_norm"]["0"] > 0
     assert not mon.diagnose().has("vanishing")
+
+
+def test_a_flush_despite_a_grad_scaler_says_so_and_proposes_no_reinit() -> None:
+    from gradmedic.diagnose import diagnose_rows
+
+    names = [f"l{i}" for i in range(6)]
+    values = {n: (0.0 if i < 3 else 1e-2 * (i + 1)) for i, n in enumerate(names)}
+    rows = [
+        {"step": s, "delta_norm": dict(values), "loss": 1.0, "loss_scale": 65536.0}
+        for s in range(6)
+    ]
+    context = {"layers": names, "float16_layers": dict.fromkeys(names, "cuda")}
+    (finding,) = diagnose_rows(rows, layers=names, context=context).by_problem("vanishing")
+    assert "even with the loss scaled by 65536 (GradScaler)" in finding.explanation
+    kinds = {gradmedic.remedies.registry.kind_of(r).name for r in finding.remedies}
+    assert "init_scheme" not in kinds and "loss_scaling" not in kinds

@@ -178,9 +178,9 @@ class Monitor:
         self._log_level: torch.Tensor | None = None
         self._log_of: tuple[torch.Tensor, torch.Tensor] | None = None  # (norm, its log)
         self._loss_scale: torch.Tensor | None = None
-        #: The GradScaler seen calling the optimizer, and its scale at the last record.
+        #: The GradScaler seen calling the optimizer, and its scale as the last backward ran.
         self._scaler: weakref.ref[Any] | None = None
-        self._last_scale: torch.Tensor | None = None
+        self._scale_at_backward: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: dict[str, Any] | None = None
         self._pre_ran = False  # the optimizer's step pre-hook ran for the current step
@@ -486,11 +486,17 @@ class Monitor:
             return
         names = {id(p): n for n, p in self.model.named_parameters()}
         self.unwatched = tuple(names.get(id(p), f"<parameter {tuple(p.shape)}>") for p in new)
+        outside = not all(id(p) in names for p in new)
+        fix = (
+            "some are not the model's parameters (watch() follows the model's)"
+            if outside
+            else "close() it and watch() the model again to include them"
+        )
         self._warn_once(
             "unwatched",
             f"gradmedic: the optimizer now steps {len(new)} parameter(s) added after watch() "
             f"({', '.join(self.unwatched[:3])}{', ...' if len(new) > 3 else ''}); the monitor "
-            "does not watch them: close() it and watch() the model again to include them",
+            f"does not watch them: {fix}",
         )
 
     def _after_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
@@ -602,13 +608,21 @@ class Monitor:
             self._reset_step()
 
     def _skipped_by_optimizer(self) -> bool:
+        """Whether the GradScaler skipped this backward's step.
+
+        Before any step: whether its gradients were not finite (which any scaler skips).
+        A skip lowers the scaler's scale below the one the backward pass ran with, and the
+        skipped optimizer's own gradients hold inf/NaN: a scaler shared by two optimizers
+        (a GAN) lowers it for the other one's overflow too.
+        """
         scaler = self._scaler() if self._scaler is not None else None
         scale = getattr(scaler, "_scale", None)
-        if isinstance(scale, torch.Tensor) and self._last_scale is not None:
-            # one host read, where the GradScaler itself reads found_inf every step
-            return bool(scale.reshape(()) < self._last_scale.to(scale.device))
+        if isinstance(scale, torch.Tensor) and self._scale_at_backward is not None:
+            # host reads, where the GradScaler itself reads found_inf every step
+            dropped = bool(scale.reshape(()) < self._scale_at_backward.to(scale.device))
+            return dropped and self._gradients.snapshot_finite() is not True
         if self._recorded == 0:  # no step yet: an optimizer skips non-finite gradients
-            return not self._gradients.snapshot_finite()
+            return self._gradients.snapshot_finite() is False
         return False
 
     def _model_output(self, output: Any) -> None:
@@ -623,6 +637,15 @@ class Monitor:
         # a later backward's gradients are not this record's: no snapshot holds them.
         if self._recording() and self._pending is None:
             self._guarded(self._gradients.snapshot)
+            self._guarded(self._keep_backward_scale)
+
+    def _keep_backward_scale(self) -> None:
+        """The scale of the GradScaler seen earlier, as this backward ran (a device copy)."""
+        scaler = self._scaler() if self._scaler is not None else None
+        scale = getattr(scaler, "_scale", None)
+        self._scale_at_backward = (
+            scale.detach().clone().reshape(()) if isinstance(scale, torch.Tensor) else None
+        )
 
     def _skip_iteration(self) -> None:
         """A backward pass whose gradients were cleared without an optimizer step."""
@@ -653,8 +676,6 @@ class Monitor:
             self._recorded += 1
             if self._sink is not None:
                 self._sink.add(record)  # written in batches: no host read per step
-            if self._loss_scale is not None:
-                self._last_scale = self._loss_scale
         self._reset_step()
         self._advance()
 

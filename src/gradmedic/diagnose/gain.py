@@ -105,13 +105,13 @@ def _cut_in(
         persistent = len(previous) >= FLUSH_RECORDS - 1 and all(
             p.get(n) == 0.0 for p in previous[-(FLUSH_RECORDS - 1) :] for n in zeros
         )
-        if not (persistent and float16_flush(zeros, alive[0], config.context)):
+        if not (persistent and float16_flush(zeros, config.context)):
             return [], alive[-1]
     return zeros, alive[-1]
 
 
-def float16_flush(zeros: Sequence[str], first_alive: str, context: Mapping[str, Any]) -> bool:
-    """Whether the zero gradients are float16's: those layers (or the next) output float16.
+def float16_flush(zeros: Sequence[str], context: Mapping[str, Any]) -> bool:
+    """Whether the zero gradients are float16's: those layers output float16.
 
     float16's smallest positive value is 6e-8: a delta below it is 0, at once, with
     no decay through the layers before (the loss itself may be that small). A zero-
@@ -119,7 +119,7 @@ def float16_flush(zeros: Sequence[str], first_alive: str, context: Mapping[str, 
     enough, so the caller asks for :data:`FLUSH_RECORDS` records running.
     """
     half = context.get("float16_layers") or {}
-    return any(n in half for n in (*zeros, first_alive))
+    return any(n in half for n in zeros)
 
 
 #: The measured ratio of the two ends of the profile must cross ``threshold**END_SHARE`` too
@@ -272,12 +272,22 @@ def gain_finding(
             activation=kind,
             weight_scale=scale,
         )
-    half = bool(cut) and last is not None and float16_flush(cut, last, config.context)
+    half = bool(cut) and float16_flush(cut, config.context)
+    scaled = next((r["loss_scale"] for r in reversed(upto) if "loss_scale" in r), None)
     if cut:
         layers_text = (
             f"Layers {', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''} ({len(cut)} in all)"
         )
-        if half:
+        if half and scaled is not None:
+            sentences.append(
+                f"{layers_text} receive a gradient of exactly 0 while layer {last!r} does not: "
+                "they compute in float16 (autocast), whose smallest positive value is 6e-8, "
+                f"and even with the loss scaled by {scaled:g} (GradScaler) the gradient "
+                "flowing back to them is smaller, so it flushed to 0. A larger scale "
+                "(GradScaler(init_scale=...), growth_factor) or bfloat16 for these layers "
+                "keeps it."
+            )
+        elif half:
             sentences.append(
                 f"{layers_text} receive a gradient of exactly 0 while layer {last!r} does not: "
                 "they compute in float16 (autocast), whose smallest positive value is 6e-8, "
@@ -345,10 +355,13 @@ def _remedies(
     half: bool,
     jump: tuple[str, str, float] | None,
 ) -> list[Remedy]:
-    """The ranked cures; loss scaling first for float16; no re-init for one layer's factor."""
+    """The ranked cures; loss scaling first for float16; no re-init for one layer's factor.
+
+    A re-initialization changes neither a float16 flush nor one operation's factor.
+    """
     if half:
-        return _precision_first(rows, config, ranked)
-    if jump is not None:  # a per-layer rescaling does not undo one operation's factor
+        ranked = _precision_first(rows, config, ranked)
+    if half or jump is not None:
         return [r for r in ranked if catalog.kind_of(r).name != "init_scheme"]
     return ranked
 

@@ -109,7 +109,9 @@ class GradientProbe(Probe):
         The norms are the ones torch's clip computes on CPU (one ``linalg.vector_norm``
         per gradient, float32 or float64), so clipping comes out the same watched or
         not; each large gradient's max and min are read right after its norm, while it is
-        in cache. None (the clip reads its own norms) for anything else: an accelerator's
+        in cache (small gradients of one shape are stacked for their maxima, and their
+        norms taken one by one again: a second read, of small tensors only). None (the clip
+        reads its own norms) for anything else: an accelerator's
         fused norms, half precision, sharded gradients. A record that reuses these (scaled
         by the clip's factor) reads nothing more, and the next snapshot reads nothing.
         """
@@ -179,14 +181,14 @@ class GradientProbe(Probe):
         # one gradient edited in place (a layer frozen for a step): every counter, C loops
         return bool(snap.versions) and _versions(snap.grads) != snap.versions
 
-    def snapshot_finite(self) -> bool:
-        """Whether the snapshot's gradients were all finite (True when it read no norms).
+    def snapshot_finite(self) -> bool | None:
+        """Whether the snapshot's gradients were all finite (None: it read no norms).
 
         One host read: called only for a backward pass no step followed.
         """
         snap = self._snapshot
         if snap is None or snap.norms is None:
-            return True
+            return None
         return bool(torch.isfinite(snap.norms).all())
 
     def _same_grads(self, snap: _Snapshot) -> bool:
